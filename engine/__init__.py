@@ -1,0 +1,1 @@
+"""Glue between configs, data, backbones, methods and the training loop."""
