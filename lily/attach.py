@@ -1,0 +1,192 @@
+"""Find where a method attaches in a model, build its adapters, freeze the rest.
+
+Targets (``MethodConfig.targets``):
+
+- ``q``, ``k``, ``v``: slices of timm's fused ``attn.qkv`` Linear (first, second, third
+  third of its output). Models with separate ``q``/``k``/``v`` Linears fall back to the
+  generic rule below.
+- ``ffn``: a parallel adapter beside each block's ``mlp`` (input: the MLP's input, i.e.
+  after ``norm2``; output added to the MLP's output), hidden activation ``ffn_act``.
+- ``in_proj``: Mamba mixers' input projection (Vim).
+- ``delta``: Mamba mixers' dt projection, as two target kinds with their own banks:
+  ``delta_f`` (``dt_proj``, forward scan) and ``delta_b`` (``dt_proj_b``, backward scan).
+- anything else: every ``nn.Linear`` whose attribute name equals the target, in model
+  order (e.g. ``fc1``, ``proj``, ``qkv``); each match counts as one layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LilyConfigError, MethodConfig
+from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter,
+                     add_parallel_adapter, make_router)
+
+
+@dataclass
+class Site:
+    """One place (in one layer) where an adapter of one target kind attaches."""
+    kind: str               # target kind: q, k, v, ffn, in_proj, delta_f, ...
+    group: str              # the config key it was requested by (q, ffn, delta, ...)
+    parent: nn.Module       # module owning `attr`
+    attr: str               # attribute name of the wrapped module on `parent`
+    in_features: int
+    out_features: int
+    start: int = 0          # output slice (fused qkv)
+    stop: int | None = None
+    parallel: bool = False  # parallel adapter beside a sub-layer (ffn) instead of a Linear
+
+
+def _blocks_with_fused_qkv(model: nn.Module):
+    return [m for m in model.modules()
+            if isinstance(getattr(getattr(m, "attn", None), "qkv", None), nn.Linear)]
+
+
+def _mamba_mixers(model: nn.Module):
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "in_proj", None), nn.Linear) and isinstance(getattr(m, "dt_proj", None), nn.Linear)]
+
+
+def find_sites(model: nn.Module, target: str) -> list[Site]:
+    """All sites of ``target`` in model order (layer index = position in the list)."""
+    blocks = _blocks_with_fused_qkv(model)
+    if target in ("q", "k", "v") and blocks:
+        i = "qkv".index(target)
+        sites = []
+        for blk in blocks:
+            qkv = blk.attn.qkv
+            dim = qkv.out_features // 3
+            sites.append(Site(target, target, blk.attn, "qkv", qkv.in_features, dim, i * dim, (i + 1) * dim))
+        return sites
+    if target == "ffn":
+        sites = []
+        for blk in blocks or [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]:
+            lins = [m for m in blk.mlp.modules() if isinstance(m, nn.Linear)]
+            if not lins:
+                raise LilyConfigError("target 'ffn': the block's mlp has no Linear layers")
+            sites.append(Site("ffn", "ffn", blk, "mlp", lins[0].in_features, lins[-1].out_features, parallel=True))
+        return sites
+    if target == "in_proj" and _mamba_mixers(model):
+        return [Site("in_proj", "in_proj", m, "in_proj", m.in_proj.in_features, m.in_proj.out_features)
+                for m in _mamba_mixers(model)]
+    if target == "delta":
+        mixers = _mamba_mixers(model)
+        sites = [Site("delta_f", "delta", m, "dt_proj", m.dt_proj.in_features, m.dt_proj.out_features)
+                 for m in mixers]
+        sites += [Site("delta_b", "delta", m, "dt_proj_b", m.dt_proj_b.in_features, m.dt_proj_b.out_features)
+                  for m in mixers if isinstance(getattr(m, "dt_proj_b", None), nn.Linear)]
+        return sites
+    # generic: every nn.Linear whose attribute name equals the target
+    sites = []
+    for parent in model.modules():
+        child = getattr(parent, target, None) if target.isidentifier() else None
+        if isinstance(child, nn.Linear) and dict(parent.named_children()).get(target) is child:
+            sites.append(Site(target, target, parent, target, child.in_features, child.out_features))
+    return sites
+
+
+def _wrap_linear(site: Site) -> AdaptedLinear:
+    module = getattr(site.parent, site.attr)
+    if not isinstance(module, AdaptedLinear):
+        module = AdaptedLinear(module)
+        setattr(site.parent, site.attr, module)
+    return module
+
+
+def _attach(site: Site, adapter: Adapter):
+    if site.parallel:
+        add_parallel_adapter(getattr(site.parent, site.attr), site.kind, adapter)
+    else:
+        _wrap_linear(site).add_adapter(site.kind, adapter, site.start, site.stop)
+
+
+def _build_lily(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
+    kind, group = sites[0].kind, sites[0].group
+    get = lambda key: cfg.get(key, kind, group)  # noqa: E731
+    d, ne, routing, stride = get("rank"), get("ne"), get("routing"), get("lp_stride")
+    bias, shared_router = bool(get("bias")), bool(get("shared_router"))
+    if routing in ("static", "uniform") and shared_router:
+        raise LilyConfigError(f"target '{kind}': shared_router needs a data-dependent routing mode, not '{routing}'")
+    act = cfg.ffn_act if sites[0].parallel else "identity"
+    router = make_router(d, ne, routing, cfg.router_init) if shared_router else None
+    bank = HPBank(ne, d, sites[0].out_features, bias=bias, router=router)
+    lps: list[nn.Linear] = []
+    adapters = []
+    for layer, site in enumerate(sites):
+        if layer % stride == 0:
+            lps.append(nn.Linear(site.in_features, d, bias=bias))
+        layer_router = None if shared_router else make_router(d, ne, routing, cfg.router_init)
+        adapters.append(LilyAdapter(lps[-1], bank, layer_router, routing, scale=get("scale"),
+                                    dropout=get("dropout"), act=act))
+    return adapters
+
+
+def _build_baseline(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
+    kind, group = sites[0].kind, sites[0].group
+    get = lambda key: cfg.get(key, kind, group)  # noqa: E731
+    if cfg.name == "lora":
+        return [LoRAAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
+                            bool(get("bias"))) for s in sites]
+    return [BottleneckAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
+                              bool(get("bias")), act=cfg.ffn_act) for s in sites]
+
+
+def _head_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parameter]:
+    params = {}
+    for name in cfg.head:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LilyConfigError(f"the model has no classification head module '{name}' "
+                                  f"(method.head lists the modules that stay trainable)") from None
+        params.update({f"{name}.{n}": p for n, p in module.named_parameters()})
+    return params
+
+
+def adapt(model: nn.Module, cfg: MethodConfig | dict) -> nn.Module:
+    """Apply a method in place: freeze the backbone, attach adapters, keep the head trainable.
+
+    ``full`` trains everything; ``linear`` only the head; ``lily``, ``lora`` and
+    ``adaptformer`` train their adapters and the head. Returns the model.
+    """
+    cfg = cfg if isinstance(cfg, MethodConfig) else MethodConfig.from_dict(cfg)
+    if getattr(model, "lily_config", None) is not None:
+        raise LilyConfigError("this model is already adapted; build a fresh model to apply another method")
+    head = _head_parameters(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(cfg.name == "full")
+    if cfg.name == "adaptformer" and set(cfg.targets) != {"ffn"}:
+        raise LilyConfigError(f"adaptformer is a parallel adapter on the MLP: targets must be ['ffn'], got {cfg.targets}")
+    for target in cfg.targets if cfg.name in ("lily", "lora", "adaptformer") else []:
+        sites = find_sites(model, target)
+        if not sites:
+            raise LilyConfigError(
+                f"target '{target}' matches nothing in {type(model).__name__} (ViT targets: q, k, v, ffn; "
+                "Vim targets: in_proj, delta; or the attribute name of nn.Linear layers)")
+        by_kind: dict[str, list[Site]] = {}
+        for s in sites:
+            by_kind.setdefault(s.kind, []).append(s)
+        for kind_sites in by_kind.values():
+            build = _build_lily if cfg.name == "lily" else _build_baseline
+            for site, adapter in zip(kind_sites, build(cfg, kind_sites)):
+                adapter.to(device=next(model.parameters()).device)
+                _attach(site, adapter)
+    for p in head.values():
+        p.requires_grad_(True)
+    model.lily_config = cfg
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, list[Adapter]]:
+    """Every adapter of the model by target kind, in layer order."""
+    out: dict[str, list[Adapter]] = {}
+    for module in model.modules():
+        for name, a in getattr(module, "adapters", {}).items():
+            if isinstance(a, Adapter):
+                out.setdefault(name, []).append(a)
+    return out
+
+
+def lily_adapters(model: nn.Module) -> dict[str, list[LilyAdapter]]:
+    return {k: v for k, v in adapters(model).items() if isinstance(v[0], LilyAdapter)}

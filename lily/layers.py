@@ -1,0 +1,320 @@
+"""Adapter modules and the wrappers that attach them to frozen layers.
+
+An *adapter* maps the input of a frozen layer ``x (..., in)`` to an additive change of
+(a slice of) its output ``delta (..., out)``. Adapters never touch the frozen weights;
+wrappers add their output:
+
+- :class:`AdaptedLinear` wraps an ``nn.Linear`` (it *is* an ``nn.Linear`` holding the
+  same weight and bias, so state-dict names do not change) and adds each adapter's
+  output to a column slice of the output: this is how q, k and v are adapted inside
+  timm's fused ``qkv`` while timm's own attention kernel stays in use.
+- :func:`add_parallel_adapter` adds an adapter beside a whole sub-layer (the ViT MLP):
+  ``module(x) + adapter(x)``.
+
+Lily (paper eq. 3-5, Alg. 1-2): ``delta(x) = s * h @ sum_e w_e E[e]`` with
+``h = act(dropout(x @ LP))`` and ``w = softmax(h @ R^T)`` reduced per routing mode.
+Experts are always combined before the matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+
+from .config import LilyConfigError
+
+_ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class MergeError(RuntimeError):
+    """The adapter cannot be folded into the frozen weight (its output depends on the data)."""
+
+
+class Adapter(nn.Module):
+    """Base class of every adapter; all parameters under an Adapter are trainable."""
+
+    in_features: int
+    out_features: int
+
+    def delta_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The equivalent ``(out, in)`` weight change and ``(out,)`` bias change (or None)."""
+        raise MergeError(f"{type(self).__name__} cannot be merged")
+
+
+# ---------------------------------------------------------------------------------------
+# Lily
+# ---------------------------------------------------------------------------------------
+class HPBank(nn.Module):
+    """The model-wide bank of N_e high-dimension projector experts of one target kind.
+
+    Shared (the same Parameter) by every layer's adapter of that kind. Zero-initialised,
+    so a freshly adapted model computes exactly what the frozen model computes.
+    With ``shared_router`` the router lives here too (the authors' Vim code).
+    """
+
+    def __init__(self, ne: int, d: int, out_features: int, bias: bool = False,
+                 router: nn.Module | None = None):
+        super().__init__()
+        self.ne, self.d, self.out_features = ne, d, out_features
+        self.experts = nn.Parameter(torch.zeros(ne, d, out_features))
+        self.bias = nn.Parameter(torch.zeros(ne, out_features)) if bias else None
+        self.router = router
+
+    def extra_repr(self):
+        return f"ne={self.ne}, d={self.d}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class StaticRouter(nn.Module):
+    """Input-independent routing: learned logits per layer (mergeable)."""
+
+    def __init__(self, ne: int, init: str):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(ne))
+        if init == "paper":
+            nn.init.normal_(self.logits, mean=1.0, std=0.01)
+
+
+def make_router(d: int, ne: int, routing: str, init: str) -> nn.Module | None:
+    if routing == "uniform":
+        return None
+    if routing == "static":
+        return StaticRouter(ne, init)
+    router = nn.Linear(d, ne, bias=False)
+    if init == "paper":  # all experts start with (almost) the same weight
+        nn.init.normal_(router.weight, mean=1.0, std=0.01)
+    return router
+
+
+class LilyAdapter(Adapter):
+    """One layer's Lily adapter for one target kind.
+
+    ``lp`` may be shared with neighbouring layers (``lp_stride``); ``bank`` is shared by
+    all layers of the model; ``router`` is this layer's (None when the bank carries a
+    model-shared router, or for ``uniform`` routing).
+    """
+
+    def __init__(self, lp: nn.Linear, bank: HPBank, router: nn.Module | None, routing: str,
+                 scale: float = 1.0, dropout: float = 0.0, act: str = "identity"):
+        super().__init__()
+        self.lp, self.bank, self.router = lp, bank, router
+        self.routing, self.scale = routing, float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.act = _ACTS[act]()
+        self.act_name = act
+        self.in_features, self.out_features = lp.in_features, bank.out_features
+        self.last_weights: torch.Tensor | None = None  # (N_e,) mean routing weights of the last forward
+
+    @property
+    def _router(self) -> nn.Module | None:
+        return self.router if self.router is not None else self.bank.router
+
+    def routing_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert weights: (N_e,) for batch/static/uniform, (B, N_e) sample, (..., N_e) token."""
+        ne = self.bank.ne
+        if self.routing == "uniform":
+            return h.new_full((ne,), 1.0 / ne)
+        router = self._router
+        if self.routing == "static":
+            return torch.softmax(router.logits, dim=-1).to(h.dtype)
+        probs = torch.softmax(router(h), dim=-1)                      # (B, *tokens, N_e)
+        if self.routing == "token":
+            return probs
+        if self.routing == "sample":
+            return probs.reshape(probs.shape[0], -1, ne).mean(dim=1)  # (B, N_e)
+        return probs.reshape(-1, ne).mean(dim=0)                      # batch: (N_e,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.dropout(self.lp(x)))
+        w = self.routing_weights(h)
+        self.last_weights = w.detach().reshape(-1, self.bank.ne).mean(dim=0)
+        experts, bias = self.bank.experts.to(h.dtype), self.bank.bias
+        if self.routing == "token":
+            # per-token mixture as one flattened matmul: ((w ⊗ h) @ E.reshape(N_e*d, out)),
+            # never a (B, T, d, out) tensor
+            wh = rearrange(w[..., :, None] * h[..., None, :], "... e d -> ... (e d)")
+            out = wh @ rearrange(experts, "e d o -> (e d) o")
+        elif self.routing == "sample":
+            hp = einsum(w, experts, "b e, e d o -> b d o")             # one combined HP per sample
+            out = torch.bmm(h.reshape(h.shape[0], -1, h.shape[-1]), hp).reshape(*h.shape[:-1], -1)
+        else:
+            out = h @ einsum(w, experts, "e, e d o -> d o")           # one combined HP for the batch
+        if bias is not None:
+            b = w @ bias.to(h.dtype)                                   # (N_e,)->(out,), (B,out), (...,out)
+            if self.routing == "sample":
+                b = b.reshape(b.shape[0], *([1] * (out.dim() - 2)), -1)
+            out = out + b
+        return self.scale * out
+
+    def combined_hp(self) -> torch.Tensor:
+        """The input-independent combined HP (d, out): static and uniform routing only."""
+        if self.routing not in ("static", "uniform"):
+            raise MergeError(
+                f"Lily with routing='{self.routing}' is data-dependent (its expert mixture depends "
+                "on the input) and cannot be merged; only 'static' and 'uniform' routing merge")
+        return einsum(self.routing_weights(self.bank.experts), self.bank.experts, "e, e d o -> d o")
+
+    def delta_weight(self):
+        hp = self.combined_hp()
+        if self.act_name != "identity":
+            raise MergeError(f"Lily with a {self.act_name} hidden activation is not linear and cannot be merged")
+        dw = self.scale * (self.lp.weight.t() @ hp).t()               # (out, in)
+        db = None
+        if self.lp.bias is not None:
+            db = self.lp.bias @ hp
+        if self.bank.bias is not None:
+            bb = self.routing_weights(self.bank.experts) @ self.bank.bias
+            db = bb if db is None else db + bb
+        return dw, None if db is None else self.scale * db
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------
+class LoRAAdapter(Adapter):
+    """LoRA: ``s * B(A(dropout(x)))`` with A kaiming-uniform and B zero-initialised."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0,
+                 dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
+        self.lora_a = nn.Linear(in_features, rank, bias=bias)
+        self.lora_b = nn.Linear(rank, out_features, bias=bias)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+        for lin in (self.lora_a, self.lora_b):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+
+    def delta_weight(self):
+        dw = self.scale * self.lora_b.weight @ self.lora_a.weight
+        db = None
+        if self.lora_a.bias is not None:
+            db = self.scale * (self.lora_b.weight @ self.lora_a.bias + self.lora_b.bias)
+        return dw, db
+
+
+class BottleneckAdapter(Adapter):
+    """AdaptFormer's parallel bottleneck: ``s * up(act(down(x)))``, up zero-initialised."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 0.1,
+                 dropout: float = 0.0, bias: bool = False, act: str = "relu"):
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
+        self.down = nn.Linear(in_features, rank, bias=bias)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        for lin in (self.down, self.up):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.act = _ACTS[act]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.scale * self.up(self.dropout(self.act(self.down(x))))
+
+
+# ---------------------------------------------------------------------------------------
+# Wrappers
+# ---------------------------------------------------------------------------------------
+class AdaptedLinear(nn.Linear):
+    """A frozen ``nn.Linear`` plus adapters on column slices of its output.
+
+    It holds the *same* weight and bias Parameters as the layer it replaces, so the
+    model's state-dict names are unchanged; adapters live under ``.adapters``.
+    ``forward(x, include_bias=False)`` omits the frozen bias (Mamba's dt projection,
+    whose bias is added inside the selective-scan kernel).
+    """
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.adapters = nn.ModuleDict()
+        self.slices: dict[str, tuple[int, int]] = {}
+        self.merged = False
+
+    def add_adapter(self, name: str, adapter: Adapter, start: int = 0, stop: int | None = None):
+        stop = self.out_features if stop is None else stop
+        if adapter.in_features != self.in_features or adapter.out_features != stop - start:
+            raise LilyConfigError(
+                f"adapter '{name}' maps {adapter.in_features}->{adapter.out_features} but the "
+                f"slice [{start}:{stop}] of a {self.in_features}->{self.out_features} Linear needs "
+                f"{self.in_features}->{stop - start}")
+        self.adapters[name] = adapter
+        self.slices[name] = (start, stop)
+
+    def forward(self, x: torch.Tensor, include_bias: bool = True) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if include_bias else None)
+        if self.merged:  # a merged bias change sits in self.bias, like the frozen bias
+            return y
+        for name, adapter in self.adapters.items():
+            start, stop = self.slices[name]
+            # in place on the fresh output of F.linear (its backward does not need it)
+            y.narrow(-1, start, stop - start).add_(adapter(x))
+        return y
+
+    # -- merge ----------------------------------------------------------------------------
+    def _deltas(self):
+        return {n: (self.slices[n], *a.delta_weight()) for n, a in self.adapters.items()}
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            return
+        deltas = self._deltas()  # raises MergeError before anything is changed
+        merged_bias = torch.zeros(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
+        has_bias = False
+        for (start, stop), dw, db in deltas.values():
+            self.weight[start:stop] += dw.to(self.weight.dtype)
+            if db is not None:
+                merged_bias[start:stop] += db.to(self.weight.dtype)
+                has_bias = True
+        self._merged_bias = merged_bias if has_bias else None
+        if has_bias:
+            if self.bias is None:
+                raise MergeError("a bias change cannot be merged into a Linear without bias")
+            self.bias += self._merged_bias
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        for (start, stop), dw, db in self._deltas().values():
+            self.weight[start:stop] -= dw.to(self.weight.dtype)
+        if self._merged_bias is not None:
+            self.bias -= self._merged_bias
+        self._merged_bias = None
+        self.merged = False
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, slices={self.slices}, merged={self.merged}")
+
+
+def _parallel_adapter_hook(module: nn.Module, args, output):
+    x = args[0]
+    for adapter in module.adapters.values():
+        output = output + adapter(x)
+    return output
+
+
+def add_parallel_adapter(module: nn.Module, name: str, adapter: Adapter) -> None:
+    """Add ``adapter(x)`` to ``module(x)``'s output (a parallel adapter beside a sub-layer).
+
+    The adapter is registered under ``module.adapters[name]`` (the module's own
+    parameter names are unchanged) and applied by a forward hook.
+    """
+    if not hasattr(module, "adapters"):
+        module.adapters = nn.ModuleDict()
+        module.register_forward_hook(_parallel_adapter_hook)
+    module.adapters[name] = adapter

@@ -1,0 +1,131 @@
+"""Helpers on an adapted model: counting, expert weights, trainable state, merging."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attach import adapt, lily_adapters
+from .config import LilyConfigError, MethodConfig
+from .layers import AdaptedLinear, MergeError
+
+FORMAT = "lily-trainable-v1"
+
+
+def _config(model: nn.Module) -> MethodConfig:
+    cfg = getattr(model, "lily_config", None)
+    if cfg is None:
+        raise LilyConfigError("the model has not been adapted (call lily.adapt(model, cfg) first)")
+    return cfg
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    return {f"{h}.{n}" for h in _config(model).head for n, _ in model.get_submodule(h).named_parameters()}
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True, exclude_head: bool = True) -> int:
+    """Parameters (shared ones counted once); by default the paper's Params column:
+    trainable parameters excluding the classification head."""
+    head = _head_names(model) if exclude_head else set()
+    return sum(p.numel() for n, p in model.named_parameters()
+               if (p.requires_grad or not trainable_only) and n not in head)
+
+
+def head_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n in _head_names(model))
+
+
+@torch.no_grad()
+def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each layer's current expert weights per Lily target kind: ``{kind: (L, N_e)}``.
+
+    For data-dependent routing these are the mean routing weights of the last forward
+    pass (run a batch first); static and uniform weights do not depend on data.
+    """
+    out = {}
+    for kind, layer_adapters in lily_adapters(model).items():
+        rows = []
+        for a in layer_adapters:
+            if a.routing in ("static", "uniform"):
+                rows.append(a.routing_weights(a.bank.experts).float())
+            elif a.last_weights is not None:
+                rows.append(a.last_weights.float())
+            else:
+                rows.append(torch.full((a.bank.ne,), float("nan")))
+        out[kind] = torch.stack([r.cpu() for r in rows])
+    return out
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (adapters + head; shared parameters stored once)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write the trainable state with the method config, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "method": _config(model).to_dict(), "state": trainable_state_dict(model),
+               "extra": extra or {}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_trainable(path: str | os.PathLike) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise LilyConfigError(f"{path} is not a Lily trainable-state file ({FORMAT})")
+    return payload
+
+
+def load_trainable(model: nn.Module, path_or_payload, strict: bool = True) -> nn.Module:
+    """Load a trainable state; adapts ``model`` with the stored method first if it is not adapted."""
+    payload = path_or_payload if isinstance(path_or_payload, dict) else read_trainable(path_or_payload)
+    stored = MethodConfig.from_dict(payload["method"])
+    if getattr(model, "lily_config", None) is None:
+        adapt(model, stored)
+    elif model.lily_config.to_dict() != stored.to_dict():
+        raise LilyConfigError(f"the model was adapted with {model.lily_config} but the file holds {stored}")
+    params = dict(model.named_parameters())
+    state = payload["state"]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if strict and (missing or unknown):
+        raise LilyConfigError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unknown[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            if n in params:
+                params[n].copy_(t)
+    return model
+
+
+def _linears(model: nn.Module) -> list[AdaptedLinear]:
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into the frozen weights (static/uniform Lily, LoRA).
+
+    Raises :class:`MergeError` (and changes nothing) when any adapter cannot merge:
+    data-dependent routing, a parallel adapter with a non-linear hidden layer.
+    """
+    cfg = _config(model)
+    if cfg.name in ("full", "linear"):
+        return model
+    parallel = [n for n, m in model.named_modules() if hasattr(m, "adapters") and not isinstance(m, AdaptedLinear)]
+    if parallel:
+        raise MergeError(f"parallel adapters with a non-linear hidden layer cannot be merged ({parallel[0]}, ...)")
+    for lin in _linears(model):
+        lin._deltas()  # check every layer first so that a failure leaves the model untouched
+    for lin in _linears(model):
+        lin.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for lin in _linears(model):
+        lin.unmerge()
+    return model
