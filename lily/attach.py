@@ -104,7 +104,7 @@ def _attach(site: Site, adapter: Adapter):
 def _build_lily(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
     kind, group = sites[0].kind, sites[0].group
     get = lambda key: cfg.get(key, kind, group)  # noqa: E731
-    d, ne, routing, stride = get("rank"), get("ne"), get("routing"), get("lp_stride")
+    d, ne, routing, stride = get("rank"), get("ne"), get("routing"), get("lp_stride") or len(sites)
     bias, shared_router = bool(get("bias")), bool(get("shared_router"))
     if routing in ("static", "uniform") and shared_router:
         raise LilyConfigError(f"target '{kind}': shared_router needs a data-dependent routing mode, not '{routing}'")

@@ -28,7 +28,7 @@ class MethodConfig:
     scale: Any = 1.0               # s
     routing: Any = "batch"         # batch | sample | token | static | uniform
     router_init: str = "paper"     # paper: normal(1, 0.01); default: PyTorch Linear init
-    lp_stride: Any = 1             # k consecutive layers share one LP
+    lp_stride: Any = 1             # k consecutive layers share one LP; 0: one LP for all layers
     dropout: Any = 0.0             # dropout on the LP output
     bias: Any = False              # biases in the projectors (DeltaFit / DeltaInFit)
     shared_router: Any = False     # one router per target kind for the whole model (authors' Vim code)
@@ -88,7 +88,7 @@ class MethodConfig:
         for key, check, what in (
             ("rank", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
             ("ne", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
-            ("lp_stride", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
+            ("lp_stride", lambda v: isinstance(v, int) and v >= 0, "an int >= 1 (or 0: one LP for all layers)"),
             ("routing", lambda v: v in ROUTING_MODES, f"one of {ROUTING_MODES}"),
             ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
             ("scale", lambda v: isinstance(v, (int, float)), "a number"),

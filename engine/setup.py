@@ -1,0 +1,71 @@
+"""Build what a run needs from its config: device, data, model (backbone + method)."""
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import lily
+from data import SplitData, ensure_digits, get_task, load_split
+from engine.errors import UserError
+from models import build_backbone
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} was requested but no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default, fp32 on CPU (precision=auto)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def precision_name(device: torch.device, precision: str) -> str:
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
+def load_task_split(cfg: DictConfig, split: str) -> SplitData:
+    task = get_task(cfg.task.name)
+    root = Path(cfg.paths.data_root)
+    if task.name == "digits":
+        ensure_digits(root)
+    return load_split(root, task, split, image_size=cfg.image_size, cache_dir=cfg.paths.cache_dir,
+                      interpolation=cfg.interpolation, num_workers=cfg.num_workers, progress=cfg.progress)
+
+
+def method_config(cfg_method) -> lily.MethodConfig:
+    try:
+        return lily.MethodConfig.from_dict(OmegaConf.to_container(cfg_method, resolve=True))
+    except lily.LilyConfigError as e:
+        raise UserError(f"method config: {e}") from None
+
+
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device):
+    """Backbone with pretrained weights, adapted by the method; returns (model, info)."""
+    model, info = build_backbone(cfg.backbone, num_classes)
+    try:
+        lily.adapt(model, method_config(cfg.method))
+    except lily.LilyConfigError as e:
+        raise UserError(f"method '{cfg.method.get('name')}' does not fit backbone '{cfg.backbone.name}': {e}") from None
+    return model.to(device), info
