@@ -75,6 +75,8 @@ class Phase:
         seed_everything(cfg.seed)
         train_data = load_task_split(cfg, self.train_split)
         eval_data = load_task_split(cfg, self.eval_split)
+        self.data = {d.split: {"images": len(d.labels), "decoded": d.decoded, "cache": d.cache_path}
+                     for d in (train_data, eval_data)}
         model, info = build_model(cfg, num_classes, self.device)
         self.model = model
         lr = o.lr * cfg.batch_size / o.lr_base_batch if o.get("lr_base_batch") else o.lr
@@ -149,7 +151,7 @@ class Phase:
                                   f"(continue with resume=true)")
         accs = [h["acc"] for h in state["history"]]
         best = max(range(len(accs)), key=accs.__getitem__)
-        return {"info": info, "history": state["history"], "experts": state["experts"], "final_acc": accs[-1],
+        return {"info": info, "data": self.data, "history": state["history"], "experts": state["experts"], "final_acc": accs[-1],
                 "best_acc": accs[best], "best_epoch": state["history"][best]["epoch"],
                 "train_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"],
                 "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
@@ -198,7 +200,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if p.get("select_split"):
             select = Phase(cfg, run_dir, "select", p.train_split, p.select_split, cfg.eval_every, device, tracker)
             sel = select.run(task.num_classes, resume=bool(cfg.resume))
-            results.update(val_history=sel["history"], val_acc=sel["final_acc"], val_best_acc=sel["best_acc"])
+            results.update(val_history=sel["history"], val_acc=sel["final_acc"], val_best_acc=sel["best_acc"],
+                           select_data=sel["data"])
             del select
             final = Phase(cfg, run_dir, "final", "train800val200", p.eval_split, 0, device, tracker,
                           step_offset=cfg.optim.epochs)
