@@ -73,11 +73,11 @@ class Phase:
     def run(self, num_classes: int, resume: bool) -> dict:
         cfg, o = self.cfg, self.cfg.optim
         seed_everything(cfg.seed)
+        model, info = build_model(cfg, num_classes, self.device)  # first: a method/backbone mismatch stops early
         train_data = load_task_split(cfg, self.train_split)
         eval_data = load_task_split(cfg, self.eval_split)
         self.data = {d.split: {"images": len(d.labels), "decoded": d.decoded, "cache": d.cache_path}
                      for d in (train_data, eval_data)}
-        model, info = build_model(cfg, num_classes, self.device)
         self.model = model
         lr = o.lr * cfg.batch_size / o.lr_base_batch if o.get("lr_base_batch") else o.lr
         optimizer = create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
