@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Tracker:
 
         mode = cfg_logger.get("mode") or os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg_logger.project, entity=cfg_logger.get("entity"), name=name,
                               dir=str(run_dir), config=config, mode=mode, id=run_id, resume="allow",

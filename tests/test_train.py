@@ -17,12 +17,12 @@ SHORT_DEMO = ["experiment=demo", "optim.epochs=6", "optim.warmup_epochs=1", "eva
 DEMO_MIN_ACC = 60.0
 
 
-def run(args, tmp_path, check=True, script="train.py"):
+def run(args, tmp_path, check=True, script="train.py", logger="none", wandb_mode="disabled"):
     env = dict(os.environ, VTAB_ROOT=str(tmp_path / "data"), LILY_CACHE=str(tmp_path / "cache"),
-               HYDRA_FULL_ERROR="0", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+               HYDRA_FULL_ERROR="0", WANDB_MODE=wandb_mode, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(ROOT / script), *args]
     if script == "train.py":
-        cmd += [f"paths.output_dir={tmp_path / 'out'}", "progress=false", "logger=none"]
+        cmd += [f"paths.output_dir={tmp_path / 'out'}", "progress=false", f"logger={logger}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -144,3 +144,13 @@ def test_count_params_prints_the_paper_counts():
                               text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1] == f"trainable_params_excluding_head={expected}"
+
+
+def test_wandb_offline_run_logs_accuracy_and_expert_weights(tmp_path):
+    args = ["task=digits", "backbone=vit_tiny", "backbone.pretrained=false", "image_size=32", "optim.epochs=1",
+            "optim.warmup_epochs=0", "max_train_steps=1", "method=lily_qv", "method.rank=4"]
+    proc = run(args, tmp_path, logger="wandb", wandb_mode="offline")
+    logs = list(run_dir_of(tmp_path).glob("wandb/offline-run-*/*.wandb"))
+    assert len(logs) == 1, proc.stderr[-2000:]
+    blob = logs[0].read_bytes()
+    assert b"final/test_acc" in blob and b"experts/q/layer00/e0" in blob and b"experts/v/layer05/e3" in blob
