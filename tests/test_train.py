@@ -154,3 +154,12 @@ def test_wandb_offline_run_logs_accuracy_and_expert_weights(tmp_path):
     assert len(logs) == 1, proc.stderr[-2000:]
     blob = logs[0].read_bytes()
     assert b"final/test_acc" in blob and b"experts/q/layer00/e0" in blob and b"experts/v/layer05/e3" in blob
+
+
+def test_vim_s_lily_trains_on_cpu(tmp_path):
+    """python train.py backbone=vim_s method=lily_vim: the PyTorch scan path, random weights, one step."""
+    run(["task=digits", "backbone=vim_s", "backbone.pretrained=false", "backbone.img_size=32", "optim.epochs=1",
+         "optim.warmup_epochs=0", "max_train_steps=1", "method=lily_vim", "protocol.eval_split=val200"], tmp_path)
+    res = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
+    assert res["trainable_params"] == 145_960 and res["kernels"] == "pytorch" and res["eval_split"] == "val200"
+    assert res["precision"] == "fp32"
