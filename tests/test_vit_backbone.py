@@ -186,7 +186,7 @@ def test_torch_pre_logits(tmp_path):
 def test_hub_weights_via_timm(monkeypatch):
     """The hub path goes through timm's load_pretrained (the download itself is faked)."""
     import timm.models._builder as builder
-    src = source_model(num_classes=21843 % 17)
+    src = source_model(num_classes=3)
     monkeypatch.setattr(builder, "load_state_dict_from_hf", lambda *a, **k: dict(src.state_dict()))
     monkeypatch.setattr(builder, "load_custom_from_hf", lambda *a, **k: pytest.fail("unexpected"), raising=False)
     model, info = build_vit(cfg(pretrained=True, hub_name="vit_tiny_patch16_224.augreg_in21k"), num_classes=4)
