@@ -173,6 +173,17 @@ class LilyAdapter(Adapter):
 # ---------------------------------------------------------------------------------------
 # Baselines
 # ---------------------------------------------------------------------------------------
+def _down_up(in_features: int, rank: int, out_features: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    """A kaiming-uniform down projection and a zero-initialised up projection (zero output at init)."""
+    down, up = nn.Linear(in_features, rank, bias=bias), nn.Linear(rank, out_features, bias=bias)
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+    for lin in (down, up):
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    return down, up
+
+
 class LoRAAdapter(Adapter):
     """LoRA: ``s * B(A(dropout(x)))`` with A kaiming-uniform and B zero-initialised."""
 
@@ -180,13 +191,7 @@ class LoRAAdapter(Adapter):
                  dropout: float = 0.0, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
-        self.lora_a = nn.Linear(in_features, rank, bias=bias)
-        self.lora_b = nn.Linear(rank, out_features, bias=bias)
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b.weight)
-        for lin in (self.lora_a, self.lora_b):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.lora_a, self.lora_b = _down_up(in_features, rank, out_features, bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
@@ -207,13 +212,7 @@ class BottleneckAdapter(Adapter):
                  dropout: float = 0.0, bias: bool = False, act: str = "relu"):
         super().__init__()
         self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
-        self.down = nn.Linear(in_features, rank, bias=bias)
-        self.up = nn.Linear(rank, out_features, bias=bias)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-        for lin in (self.down, self.up):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.down, self.up = _down_up(in_features, rank, out_features, bias)
         self.act = _ACTS[act]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

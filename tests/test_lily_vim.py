@@ -7,6 +7,7 @@ from torch import nn
 import lily
 from lily import MethodConfig
 from models.vim import vim_small
+from tests.test_lily import randomize_adapters
 
 CONFIGS = {n: OmegaConf.to_container(OmegaConf.load(f"configs/method/{n}.yaml"))
            for n in ("lily_vim", "deltafit", "deltainfit", "lily0_vim", "linear", "full")}
@@ -20,14 +21,6 @@ def small_vim(seed=0, **kw):
 
 def images(n=2, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def randomize(model, std=0.1):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad and ("experts" in n or "lora_b" in n or "bank.bias" in n):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -62,7 +55,7 @@ def test_delta_adapter_is_added_before_bias_and_softplus():
     """A linear delta adapter (N_e=1) equals a plain Vim whose dt weights are W + dW (same bias)."""
     model, x = small_vim(), images()
     lily.adapt(model, MethodConfig(name="lily", targets=["delta"], rank=2, ne=1, routing="uniform"))
-    randomize(model, std=0.5)
+    randomize_adapters(model, std=2.0)
     reference = small_vim()  # the same frozen weights
     with torch.no_grad():
         y = model(x)
@@ -71,7 +64,7 @@ def test_delta_adapter_is_added_before_bias_and_softplus():
                 dw, db = getattr(m.mixer, attr).adapters["delta_" + attr[-1].replace("j", "f")].delta_weight()
                 assert db is None
                 getattr(r.mixer, attr).weight += dw
-        assert not torch.allclose(y, small_vim()(x), atol=1e-4)
+        assert (y - small_vim()(x)).abs().max() > 1e-4  # the adapter changes the output (10x the tolerance below)
         torch.testing.assert_close(reference(x), y, rtol=1e-4, atol=1e-5)
 
 

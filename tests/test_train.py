@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A short version of experiment=demo (the full demo: README). Measured with these settings
 # on 2 CPU cores: see the note in test_demo_short_reaches_accuracy_and_eval_reproduces_it.
 SHORT_DEMO = ["experiment=demo", "optim.epochs=3", "optim.warmup_epochs=1", "eval_every=3"]
-DEMO_MIN_ACC = 60.0
+DEMO_MIN_ACC = 75.0  # measured 86.95% (3 epochs, seed 42, 2 CPU cores)
 
 
 def run(args, tmp_path, check=True, script="train.py", logger="none", wandb_mode="disabled"):
