@@ -191,12 +191,19 @@ def main(argv=None):
 
     steps_per_epoch = len(x_train) // args.batch_size
     total, warmup = steps_per_epoch * args.epochs, int(steps_per_epoch * args.warmup_epochs)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    def decays(name, p):  # no weight decay on biases, norms, pos_embed, cls_token
+        return p.ndim > 1 and name not in ("pos_embed", "cls_token")
+
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
+
+    def lr_factor(step):  # per-step linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
     t_train = time.time()
     for epoch in range(args.epochs):
@@ -220,7 +227,8 @@ def main(argv=None):
     meta = {
         "source_task": f"glyphs: {len(LETTERS)} letters + {NUM_STROKE_CLASSES} pen-stroke classes (no digits)",
         "arch": cfg["arch"], "img_size": str(size), "model_kwargs": json.dumps(cfg["model_kwargs"]),
-        "val_acc": f"{acc:.4f}", "command": "python scripts/pretrain_vit_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "val_acc": f"{acc:.4f}",
+        "command": " ".join(["python scripts/pretrain_vit_tiny.py", *(sys.argv[1:] if argv is None else argv)]),
         "args": json.dumps({k: str(v) for k, v in vars(args).items()}),
         "torch": torch.__version__,
     }
