@@ -78,10 +78,9 @@ class Phase:
         eval_data = load_task_split(cfg, self.eval_split)
         self.data = {d.split: {"images": len(d.labels), "decoded": d.decoded, "cache": d.cache_path}
                      for d in (train_data, eval_data)}
-        self.model = model
         lr = o.lr * cfg.batch_size / o.lr_base_batch if o.get("lr_base_batch") else o.lr
         optimizer = create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
-                                        filter_bias_and_bn=o.get("no_decay_1d", True))
+                                        filter_bias_and_bn=o.no_decay_1d)
         scheduler = CosineLRScheduler(optimizer, t_initial=o.epochs, lr_min=o.min_lr, warmup_t=o.warmup_epochs,
                                       warmup_lr_init=o.warmup_lr, t_in_epochs=True)
         state = {"epoch": 0, "history": [], "experts": [], "train_seconds": 0.0, "train_images": 0,
