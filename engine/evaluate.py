@@ -25,8 +25,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
                             f"(it holds config.yaml and {CHECKPOINT})")
     run_cfg = OmegaConf.load(cfg_path)
     with open_dict(run_cfg):
-        run_cfg.update(device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size,
-                       progress=cfg.progress)
+        run_cfg.update(device=cfg.device, precision=cfg.precision or run_cfg.precision,
+                       eval_batch_size=cfg.eval_batch_size, progress=cfg.progress)
     device = resolve_device(cfg.device)
     seed_everything(run_cfg.seed)
     task = get_task(run_cfg.task.name)
@@ -38,7 +38,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     ev = evaluate(model, data, run_cfg, device, f"eval {task.name}/{cfg.split}")
     out = {"run_dir": str(run_dir), "task": task.name, "split": cfg.split, "merged": bool(cfg.merge),
            "acc": ev["acc"], "images": ev["images"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
-           "device": str(device), "precision": precision_name(device, cfg.precision)}
+           "device": str(device), "precision": precision_name(device, run_cfg.precision)}
     results = run_dir / "results.json"
     if results.exists():
         out["run_final_acc"] = json.loads(results.read_text()).get("final_acc")

@@ -165,3 +165,21 @@ def test_vim_s_lily_trains_on_cpu(tmp_path):
     res = json.loads((run_dir_of(tmp_path) / "results.json").read_text())
     assert res["trainable_params"] == 145_960 and res["kernels"] == "pytorch" and res["eval_split"] == "val200"
     assert res["precision"] == "fp32"
+
+
+def test_eval_after_merging_a_static_lily_run(tmp_path):
+    run(["task=digits", "backbone=vit_tiny", "optim.epochs=2", "optim.warmup_epochs=0", "max_train_steps=3",
+         "method=lily_qv", "method.rank=4", "method.ne=3", "method.routing=static", "protocol.eval_split=val200"],
+        tmp_path)
+    rd = run_dir_of(tmp_path)
+    final = json.loads((rd / "results.json").read_text())["final_acc"]
+    run([str(rd), "split=val200", "merge=true", "progress=false"], tmp_path, script="eval.py")
+    ev = json.loads((rd / "eval.json").read_text())
+    assert ev["merged"] and ev["split"] == "val200" and abs(ev["acc"] - final) <= 0.5  # fp32 round-off only
+    # a data-dependent router refuses to merge, with a message and no traceback
+    other = tmp_path / "batch"
+    other.mkdir()
+    run(["task=digits", "backbone=vit_tiny", "optim.epochs=1", "optim.warmup_epochs=0", "max_train_steps=1",
+         "method=lily_qv", "method.rank=4", "protocol.eval_split=val200"], other)
+    refused = run([str(run_dir_of(other)), "split=val200", "merge=true"], other, script="eval.py", check=False)
+    assert refused.returncode == 2 and "cannot be merged" in refused.stderr and "Traceback" not in refused.stderr
