@@ -64,8 +64,12 @@ def method_config(cfg_method) -> lily.MethodConfig:
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device):
     """Backbone with pretrained weights, adapted by the method; returns (model, info)."""
     model, info = build_backbone(cfg.backbone, num_classes)
+    return apply_method(model, cfg).to(device), info
+
+
+def apply_method(model, cfg: DictConfig):
+    """lily.adapt with cfg.method; a method that does not fit the backbone is a UserError."""
     try:
-        lily.adapt(model, method_config(cfg.method))
+        return lily.adapt(model, method_config(cfg.method))
     except lily.LilyConfigError as e:
         raise UserError(f"method '{cfg.method.get('name')}' does not fit backbone '{cfg.backbone.name}': {e}") from None
-    return model.to(device), info

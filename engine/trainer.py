@@ -23,8 +23,8 @@ from tqdm import tqdm
 import lily
 from data import SplitData, batches, get_task, normalize
 from engine.errors import UserError
-from engine.setup import (autocast, build_model, load_task_split, precision_name, resolve_device,
-                          seed_everything)
+from engine.setup import (autocast, build_model, load_task_split, method_config, precision_name,
+                          resolve_device, seed_everything)
 from engine.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                       name=f"{task.name}/{cfg.backbone.name}/{method_id}", resume=bool(cfg.resume))
     started = time.time()
     p = cfg.protocol
-    results = {"task": task.name, "group": task.group, "method": method_id, "method_config": dict(
-        lily.MethodConfig.from_dict(OmegaConf.to_container(cfg.method, resolve=True)).to_dict()),
+    results = {"task": task.name, "group": task.group, "method": method_id, "method_config": method_config(cfg.method).to_dict(),
         "backbone": cfg.backbone.name, "seed": cfg.seed, "protocol": p.name, "device": str(device),
         "precision": precision_name(device, cfg.precision), "normalization": cfg.normalization,
         "image_size": cfg.image_size, "epochs": cfg.optim.epochs, "batch_size": cfg.batch_size}

@@ -111,6 +111,14 @@ class LilyAdapter(Adapter):
     def _router(self) -> nn.Module | None:
         return self.router if self.router is not None else self.bank.router
 
+    def fixed_weights(self) -> torch.Tensor:
+        """The input-independent expert weights (N_e,) of static and uniform routing."""
+        if self.routing not in ("static", "uniform"):
+            raise MergeError(
+                f"Lily with routing='{self.routing}' is data-dependent (its expert mixture depends "
+                "on the input) and cannot be merged; only 'static' and 'uniform' routing merge")
+        return self.routing_weights(self.bank.experts)  # ignores its input for these two modes
+
     def routing_weights(self, h: torch.Tensor) -> torch.Tensor:
         """Expert weights: (N_e,) for batch/static/uniform, (B, N_e) sample, (..., N_e) token."""
         ne = self.bank.ne
@@ -150,11 +158,7 @@ class LilyAdapter(Adapter):
 
     def combined_hp(self) -> torch.Tensor:
         """The input-independent combined HP (d, out): static and uniform routing only."""
-        if self.routing not in ("static", "uniform"):
-            raise MergeError(
-                f"Lily with routing='{self.routing}' is data-dependent (its expert mixture depends "
-                "on the input) and cannot be merged; only 'static' and 'uniform' routing merge")
-        return einsum(self.routing_weights(self.bank.experts), self.bank.experts, "e, e d o -> d o")
+        return einsum(self.fixed_weights(), self.bank.experts, "e, e d o -> d o")
 
     def delta_weight(self):
         hp = self.combined_hp()
@@ -165,7 +169,7 @@ class LilyAdapter(Adapter):
         if self.lp.bias is not None:
             db = self.lp.bias @ hp
         if self.bank.bias is not None:
-            bb = self.routing_weights(self.bank.experts) @ self.bank.bias
+            bb = self.fixed_weights() @ self.bank.bias
             db = bb if db is None else db + bb
         return dw, None if db is None else self.scale * db
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attach import adapt, lily_adapters
+from .attach import _head_parameters, adapt, lily_adapters
 from .config import LilyConfigError, MethodConfig
 from .layers import AdaptedLinear, MergeError
 
@@ -22,7 +22,7 @@ def _config(model: nn.Module) -> MethodConfig:
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    return {f"{h}.{n}" for h in _config(model).head for n, _ in model.get_submodule(h).named_parameters()}
+    return set(_head_parameters(model, _config(model)))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True, exclude_head: bool = True) -> int:
@@ -34,7 +34,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = True, exclude_head
 
 
 def head_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if n in _head_names(model))
+    head = _head_names(model)
+    return sum(p.numel() for n, p in model.named_parameters() if n in head)
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         rows = []
         for a in layer_adapters:
             if a.routing in ("static", "uniform"):
-                rows.append(a.routing_weights(a.bank.experts).float())
+                rows.append(a.fixed_weights().float())
             elif a.last_weights is not None:
                 rows.append(a.last_weights.float())
             else:

@@ -20,7 +20,7 @@ from engine.cli import run_cli  # noqa: E402
 def count(cfg: DictConfig) -> int:
     import lily
     from data import get_task
-    from engine.setup import method_config
+    from engine.setup import apply_method
     from models import build_backbone
 
     with open_dict(cfg):  # architecture only: no weights are read or downloaded
@@ -28,12 +28,8 @@ def count(cfg: DictConfig) -> int:
         cfg.backbone.checkpoint = None
     with torch.device("meta"):
         model, _ = build_backbone(cfg.backbone, get_task(cfg.task.name).num_classes)
-        mcfg = method_config(cfg.method)
-        try:
-            lily.adapt(model, mcfg)
-        except lily.LilyConfigError as e:
-            from engine.errors import UserError
-            raise UserError(f"method does not fit backbone '{cfg.backbone.name}': {e}") from None
+        apply_method(model, cfg)
+    mcfg = model.lily_config
     n = lily.count_parameters(model)
     total = lily.count_parameters(model, trainable_only=False, exclude_head=False)
     print(f"backbone={cfg.backbone.name} method={mcfg.name} targets={mcfg.targets} rank={mcfg.rank} ne={mcfg.ne}")
