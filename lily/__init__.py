@@ -10,13 +10,13 @@ own ``nn.Linear`` layers)::
 from .attach import Site, adapt, adapters, find_sites, lily_adapters
 from .config import METHODS, ROUTING_MODES, LilyConfigError, MethodConfig
 from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter, MergeError,
-                     StaticRouter, add_parallel_adapter)
+                     StaticRouter, add_parallel_adapter, add_residual_adapter)
 from .state import (count_parameters, expert_weights, head_parameters, load_trainable, merge, read_trainable,
                     save_trainable, trainable_state_dict, unmerge)
 
 __all__ = [
     "Adapter", "AdaptedLinear", "BottleneckAdapter", "HPBank", "LilyAdapter", "LilyConfigError", "LoRAAdapter",
     "METHODS", "MergeError", "MethodConfig", "ROUTING_MODES", "Site", "StaticRouter", "adapt", "adapters",
-    "add_parallel_adapter", "count_parameters", "expert_weights", "find_sites", "head_parameters", "lily_adapters",
+    "add_parallel_adapter", "add_residual_adapter", "count_parameters", "expert_weights", "find_sites", "head_parameters", "lily_adapters",
     "load_trainable", "merge", "read_trainable", "save_trainable", "trainable_state_dict", "unmerge",
 ]

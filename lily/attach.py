@@ -5,8 +5,11 @@ Targets (``MethodConfig.targets``):
 - ``q``, ``k``, ``v``: slices of timm's fused ``attn.qkv`` Linear (first, second, third
   third of its output). Models with separate ``q``/``k``/``v`` Linears fall back to the
   generic rule below.
-- ``ffn``: a parallel adapter beside each block's ``mlp`` (input: the MLP's input, i.e.
-  after ``norm2``; output added to the MLP's output), hidden activation ``ffn_act``.
+- ``ffn``: Lily: a parallel adapter beside each block's ``mlp`` (input: the MLP's input,
+  i.e. after ``norm2``; output added to the MLP's output, inside drop-path and layer
+  scale), hidden activation ``ffn_act``. AdaptFormer (``name="adaptformer"``): its
+  authors' placement, input = the residual stream before ``norm2``, output added to the
+  block's output outside drop-path and layer scale (:func:`add_residual_adapter`).
 - ``in_proj``: Mamba mixers' input projection (Vim).
 - ``delta``: Mamba mixers' dt projection, as two target kinds with their own banks:
   ``delta_f`` (``dt_proj``, forward scan) and ``delta_b`` (``dt_proj_b``, backward scan).
@@ -19,9 +22,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import LilyConfigError, MethodConfig
+from .config import DEPTH_OVER_NE, LilyConfigError, MethodConfig
 from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter,
-                     add_parallel_adapter, make_router)
+                     add_parallel_adapter, add_residual_adapter, make_router)
 
 
 @dataclass
@@ -94,17 +97,28 @@ def _wrap_linear(site: Site) -> AdaptedLinear:
     return module
 
 
-def _attach(site: Site, adapter: Adapter):
-    if site.parallel:
+def _attach(site: Site, adapter: Adapter, residual: bool = False):
+    if residual:  # AdaptFormer: input before norm2, added to the block's output
+        add_residual_adapter(site.parent, site.kind, adapter)
+    elif site.parallel:
         add_parallel_adapter(getattr(site.parent, site.attr), site.kind, adapter)
     else:
         _wrap_linear(site).add_adapter(site.kind, adapter, site.start, site.stop)
 
 
+def lp_stride(value, n_layers: int, ne: int) -> int:
+    """How many consecutive layers share one LP: ``k``; ``0`` -> all ``n_layers``;
+    ``"depth//ne"`` -> ``max(1, n_layers // ne)`` (the authors' ViT code)."""
+    if value == DEPTH_OVER_NE:
+        return max(1, n_layers // ne)
+    return value or n_layers
+
+
 def _build_lily(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
     kind, group = sites[0].kind, sites[0].group
     get = lambda key: cfg.get(key, kind, group)  # noqa: E731
-    d, ne, routing, stride = get("rank"), get("ne"), get("routing"), get("lp_stride") or len(sites)
+    d, ne, routing = get("rank"), get("ne"), get("routing")
+    stride = lp_stride(get("lp_stride"), len(sites), ne)
     bias, shared_router = bool(get("bias")), bool(get("shared_router"))
     if routing in ("static", "uniform") and shared_router:
         raise LilyConfigError(f"target '{kind}': shared_router needs a data-dependent routing mode, not '{routing}'")
@@ -171,7 +185,7 @@ def adapt(model: nn.Module, cfg: MethodConfig | dict) -> nn.Module:
             build = _build_lily if cfg.name == "lily" else _build_baseline
             for site, adapter in zip(kind_sites, build(cfg, kind_sites)):
                 adapter.to(device=next(model.parameters()).device)
-                _attach(site, adapter)
+                _attach(site, adapter, residual=cfg.name == "adaptformer")
     for p in head.values():
         p.requires_grad_(True)
     model.lily_config = cfg

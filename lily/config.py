@@ -3,6 +3,15 @@
 Every per-target option (``rank``, ``ne``, ``scale``, ``routing``, ``dropout``,
 ``lp_stride``, ``bias``, ``shared_router``) is either one value for all targets or a
 mapping ``{target: value}``; a mapping may carry a ``default`` entry.
+
+``lp_stride`` (LP sharing across layers, per target kind with ``L`` sites):
+
+- ``k >= 1``: consecutive blocks of ``k`` layers share one LP (1: one LP per layer, the
+  paper's text);
+- ``0``: one LP for all ``L`` layers;
+- ``"depth//ne"``: blocks of ``max(1, L // N_e)`` layers share one LP, with ``N_e`` the
+  target kind's ``ne`` (the authors' released ViT code: on ViT-B, N_e 2 -> 2 LPs,
+  4 -> 4, 6 -> 6, 8 -> stride 1, i.e. 12 LPs).
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ METHODS = ("lily", "lora", "adaptformer", "full", "linear")
 ROUTING_MODES = ("batch", "sample", "token", "static", "uniform")
 ROUTER_INITS = ("paper", "default")
 ACTIVATIONS = ("identity", "relu", "gelu")
+DEPTH_OVER_NE = "depth//ne"    # lp_stride value: max(1, L // N_e) consecutive layers share one LP
 
 
 class LilyConfigError(ValueError):
@@ -28,7 +38,8 @@ class MethodConfig:
     scale: Any = 1.0               # s
     routing: Any = "batch"         # batch | sample | token | static | uniform
     router_init: str = "paper"     # paper: normal(1, 0.01); default: PyTorch Linear init
-    lp_stride: Any = 1             # k consecutive layers share one LP; 0: one LP for all layers
+    lp_stride: Any = 1             # k consecutive layers share one LP; 0: one LP for all layers;
+                                   # "depth//ne": max(1, L // N_e) layers share one LP (authors' ViT code)
     dropout: Any = 0.0             # dropout on the LP output
     bias: Any = False              # biases in the projectors (DeltaFit / DeltaInFit)
     shared_router: Any = False     # one router per target kind for the whole model (authors' Vim code)
@@ -88,7 +99,8 @@ class MethodConfig:
         for key, check, what in (
             ("rank", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
             ("ne", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
-            ("lp_stride", lambda v: isinstance(v, int) and v >= 0, "an int >= 1 (or 0: one LP for all layers)"),
+            ("lp_stride", lambda v: v == DEPTH_OVER_NE or (isinstance(v, int) and v >= 0),
+             f"an int >= 1, 0 (one LP for all layers) or '{DEPTH_OVER_NE}'"),
             ("routing", lambda v: v in ROUTING_MODES, f"one of {ROUTING_MODES}"),
             ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
             ("scale", lambda v: isinstance(v, (int, float)), "a number"),

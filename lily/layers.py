@@ -9,7 +9,10 @@ wrappers add their output:
   output to a column slice of the output: this is how q, k and v are adapted inside
   timm's fused ``qkv`` while timm's own attention kernel stays in use.
 - :func:`add_parallel_adapter` adds an adapter beside a whole sub-layer (the ViT MLP):
-  ``module(x) + adapter(x)``.
+  ``module(x) + adapter(x)`` (Lily's ``ffn`` placement: inside drop-path and layer scale).
+- :func:`add_residual_adapter` adds an adapter beside the second half of a pre-norm
+  block: it reads the residual stream before ``norm2`` and its output is added to the
+  block's output, outside drop-path and layer scale (AdaptFormer as its authors wrote it).
 
 Lily (paper eq. 3-5, Alg. 1-2): ``delta(x) = s * h @ sum_e w_e E[e]`` with
 ``h = act(dropout(x @ LP))`` and ``w = softmax(h @ R^T)`` reduced per routing mode.
@@ -189,7 +192,11 @@ def _down_up(in_features: int, rank: int, out_features: int, bias: bool) -> tupl
 
 
 class LoRAAdapter(Adapter):
-    """LoRA: ``s * B(A(dropout(x)))`` with A kaiming-uniform and B zero-initialised."""
+    """LoRA: ``s * B(dropout(A(x)))`` with A kaiming-uniform and B zero-initialised.
+
+    Dropout acts on the rank-r hidden (after the down projection), as in the LoRA baseline
+    of the Lily authors' code; in eval mode it is the identity, so merging is unaffected.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0,
                  dropout: float = 0.0, bias: bool = False):
@@ -199,7 +206,7 @@ class LoRAAdapter(Adapter):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        return self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+        return self.scale * self.lora_b(self.dropout(self.lora_a(x)))
 
     def delta_weight(self):
         dw = self.scale * self.lora_b.weight @ self.lora_a.weight
@@ -210,7 +217,8 @@ class LoRAAdapter(Adapter):
 
 
 class BottleneckAdapter(Adapter):
-    """AdaptFormer's parallel bottleneck: ``s * up(act(down(x)))``, up zero-initialised."""
+    """AdaptFormer's bottleneck: ``s * up(dropout(act(down(x))))`` (activation, then dropout),
+    up zero-initialised. Attached by :func:`add_residual_adapter` (AdaptFormer's placement)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 0.1,
                  dropout: float = 0.0, bias: bool = False, act: str = "relu"):
@@ -321,3 +329,39 @@ def add_parallel_adapter(module: nn.Module, name: str, adapter: Adapter) -> None
         module.adapters = nn.ModuleDict()
         module.register_forward_hook(_parallel_adapter_hook)
     module.adapters[name] = adapter
+
+
+def _residual_input_hook(norm: nn.Module, args):
+    norm._residual_input = args[0]  # popped by the block's hook below, in the same forward
+
+
+def _residual_adapter_hook(block: nn.Module, args, output):
+    x = getattr(block, block._residual_norm).__dict__.pop("_residual_input", None)
+    if x is None:
+        raise RuntimeError(f"{type(block).__name__}.{block._residual_norm} was not called in this forward: "
+                           "a residual adapter needs a pre-norm block (x + mlp(norm2(x)))")
+    for adapter in block.adapters.values():
+        output = output + adapter(x)
+    return output
+
+
+def add_residual_adapter(block: nn.Module, name: str, adapter: Adapter, norm: str = "norm2") -> None:
+    """AdaptFormer's placement, as in its authors' code, on a pre-norm block
+    (timm ``Block``: ``x = x + drop_path2(ls2(mlp(norm2(x))))``)::
+
+        y = block(x_in) + adapter(x)     # x: the residual stream entering norm2
+
+    The adapter reads ``norm``'s *input* (captured by a forward pre-hook on ``norm``) and
+    its output is added to the block's output (a forward hook on the block), so neither
+    drop-path nor layer scale touch it. Registered under ``block.adapters[name]``.
+    """
+    norm_module = getattr(block, norm, None)
+    if not isinstance(norm_module, nn.Module):
+        raise LilyConfigError(f"{type(block).__name__} has no '{norm}' module: a residual (AdaptFormer) "
+                              f"adapter needs a pre-norm block x + mlp({norm}(x))")
+    if not hasattr(block, "adapters"):
+        block.adapters = nn.ModuleDict()
+        block._residual_norm = norm
+        norm_module.register_forward_pre_hook(_residual_input_hook)
+        block.register_forward_hook(_residual_adapter_hook)
+    block.adapters[name] = adapter

@@ -363,3 +363,182 @@ def test_config_errors_are_clear(cfg, msg):
 def test_unknown_config_key_rejected():
     with pytest.raises(lily.LilyConfigError, match="unknown method option"):
         MethodConfig.from_dict({"name": "lily", "rnak": 4})
+
+
+# ---- LP sharing of the authors' ViT code: lp_stride="depth//ne" ---------------------------
+def vit_b16_meta(cfg):
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+        lily.adapt(model, MethodConfig(**cfg))
+    return model
+
+
+KVFFN = dict(name="lily", targets=["k", "v", "ffn"], rank={"k": 16, "v": 16, "ffn": 32})
+
+
+@pytest.mark.parametrize("ne,stride", [(2, 6), (4, 3), (6, 2), (8, 1)])
+def test_depth_over_ne_sharing_pattern_on_vit_b16(ne, stride):
+    ads = lily.lily_adapters(vit_b16_meta(dict(KVFFN, ne=ne, lp_stride="depth//ne")))
+    assert set(ads) == {"k", "v", "ffn"}
+    for kind, layer_ads in ads.items():
+        lps = [a.lp for a in layer_ads]
+        assert len(lps) == 12 and len({id(lp) for lp in lps}) == 12 // stride
+        for layer, lp in enumerate(lps):  # layer l uses the LP created at its block's first layer
+            assert lp is lps[(layer // stride) * stride], (kind, layer)
+            assert (lp is lps[layer - 1]) == (layer % stride != 0) or layer == 0
+        assert len({id(a.router) for a in layer_ads}) == 12  # routers stay per layer
+
+
+@pytest.mark.parametrize("ne,authors,paper", [(2, 198_144, 689_664), (4, 396_288, 789_504),
+                                               (6, 594_432, 889_344), (8, 989_184, 989_184)])
+def test_kvffn_counts_authors_vs_paper_lp_sharing(ne, authors, paper):
+    assert lily.count_parameters(vit_b16_meta(dict(KVFFN, ne=ne, lp_stride="depth//ne"))) == authors
+    assert lily.count_parameters(vit_b16_meta(dict(KVFFN, ne=ne, lp_stride=1))) == paper
+
+
+def test_depth_over_ne_uses_each_kinds_own_ne_and_layer_count():
+    model = tiny_vit()  # DEPTH = 5 layers
+    lily.adapt(model, MethodConfig(name="lily", targets=["q", "v", "ffn"], rank=4, ne={"q": 2, "v": 8, "ffn": 5},
+                                   lp_stride={"q": "depth//ne", "v": "depth//ne", "ffn": 0}))
+    ads = lily.lily_adapters(model)
+    q = [a.lp for a in ads["q"]]  # max(1, 5 // 2) = 2: layers {0,1} {2,3} {4}
+    assert q[0] is q[1] and q[2] is q[3] and len({id(lp) for lp in q}) == 3
+    assert len({id(a.lp) for a in ads["v"]}) == DEPTH  # max(1, 5 // 8) = 1: one LP per layer
+    assert len({id(a.lp) for a in ads["ffn"]}) == 1   # 0: one LP for all layers
+    for bad in ("depth/ne", "depth", -1, 1.5, True):
+        with pytest.raises(lily.LilyConfigError, match="lp_stride"):
+            MethodConfig(name="lily", targets=["q"], lp_stride=bad)
+        with pytest.raises(lily.LilyConfigError, match="lp_stride"):
+            MethodConfig(name="lily", targets=["q"], lp_stride={"q": bad})
+
+
+LILY_VIT_CONFIGS = ("lily_qv", "lily_qvffn", "lily_kvffn", "lily_ffn", "lily_kvffn_monoscale", "lily_ffn_monoscale")
+
+
+def method_yaml(name, recipe, **overrides):
+    """configs/method/<name>.yaml resolved against configs/recipe/<recipe>.yaml (as Hydra composes them)."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"method": OmegaConf.load(f"configs/method/{name}.yaml"),
+                            "recipe": OmegaConf.load(f"configs/recipe/{recipe}.yaml")})
+    for k, v in overrides.items():
+        cfg.method[k] = v
+    return OmegaConf.to_container(cfg.method, resolve=True)
+
+
+@pytest.mark.parametrize("name", LILY_VIT_CONFIGS)
+def test_lily_vit_method_configs_follow_the_recipe(name):
+    authors, paper = method_yaml(name, "authors"), method_yaml(name, "paper")
+    assert (authors["lp_stride"], authors["router_init"]) == ("depth//ne", "default")
+    assert (paper["lp_stride"], paper["router_init"]) == (1, "paper")
+
+
+@pytest.mark.parametrize("name,ne,authors,paper", [
+    ("lily_kvffn", 2, 198_144, 689_664), ("lily_kvffn", 4, 396_288, 789_504),
+    ("lily_kvffn", 6, 594_432, 889_344), ("lily_kvffn", 8, 989_184, 989_184),
+    ("lily_qv", 4, 4 * 768 * 32 * 2 + 4 * 32 * 768 * 2 + 12 * 32 * 4 * 2, 789_504),
+    ("lily_ffn", 4, 4 * 768 * 64 + 4 * 64 * 768 + 12 * 64 * 4, 789_504),
+])
+def test_method_config_counts_per_recipe(name, ne, authors, paper):
+    for recipe, expected in (("authors", authors), ("paper", paper)):
+        assert lily.count_parameters(vit_b16_meta(method_yaml(name, recipe, ne=ne))) == expected, recipe
+
+
+def test_baseline_configs_use_dropout_0_1():
+    from omegaconf import OmegaConf
+    for name in ("lora", "adaptformer"):
+        assert OmegaConf.load(f"configs/method/{name}.yaml").dropout == 0.1
+
+
+# ---- baselines as the Lily authors' code wrote them -----------------------------------------
+def test_lora_dropout_acts_after_the_down_projection():
+    a = lily.LoRAAdapter(6, 4, rank=3, scale=0.7, dropout=0.5).train()
+    nn.init.normal_(a.lora_b.weight)
+    x = torch.randn(2, 9, 6)
+    torch.manual_seed(5)
+    y = a(x)
+    torch.manual_seed(5)
+    ref = 0.7 * a.lora_b(nn.functional.dropout(a.lora_a(x), 0.5, training=True))
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.manual_seed(5)
+    assert not torch.allclose(y, 0.7 * a.lora_b(a.lora_a(nn.functional.dropout(x, 0.5, training=True))))
+    a.eval()  # eval: no dropout, and the merged weight gives the same map
+    dw, _ = a.delta_weight()
+    torch.testing.assert_close(a(x), x @ dw.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_bottleneck_applies_relu_then_dropout():
+    a = lily.BottleneckAdapter(6, 4, rank=3, scale=0.1, dropout=0.5).train()
+    nn.init.normal_(a.up.weight)
+    x = torch.randn(2, 9, 6)
+    torch.manual_seed(5)
+    y = a(x)
+    torch.manual_seed(5)
+    ref = 0.1 * a.up(nn.functional.dropout(torch.relu(a.down(x)), 0.5, training=True))
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def adaptformer_block(seed=0, **kw):
+    model = tiny_vit(seed, **kw)
+    lily.adapt(model, MethodConfig(name="adaptformer", targets=["ffn"], rank=8, scale=0.1))
+    randomize_adapters(model)
+    return model
+
+
+def record_block(blk):
+    seen = {}
+    blk.register_forward_pre_hook(lambda m, a: seen.update(block_in=a[0].detach()))
+    blk.norm2.register_forward_pre_hook(lambda m, a: seen.update(norm2_in=a[0].detach()))
+    blk.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp_out=o.detach()))
+    blk.adapters["ffn"].register_forward_hook(lambda m, a, o: seen.update(ad_in=a[0].detach(), ad_out=o.detach()))
+    blk.register_forward_hook(lambda m, a, o: seen.update(block_out=o.detach()))
+    return seen
+
+
+def test_adaptformer_reads_the_residual_stream_before_norm2_and_adds_outside_layer_scale():
+    model, x = adaptformer_block(init_values=0.3), images()  # layer scale gamma = 0.3
+    blk = model.blocks[2]
+    assert not hasattr(blk.mlp, "adapters") and set(blk.adapters) == {"ffn"}
+    seen = record_block(blk)
+    with torch.no_grad():
+        model(x)
+        ad = blk.adapters["ffn"]
+        expected_ad = 0.1 * ad.up(torch.relu(ad.down(seen["norm2_in"])))
+    assert torch.equal(seen["ad_in"], seen["norm2_in"])  # exactly norm2's input, not its output
+    assert not torch.allclose(seen["ad_in"], blk.norm2(seen["norm2_in"]))
+    torch.testing.assert_close(seen["ad_out"], expected_ad)
+    assert seen["ad_out"].abs().sum() > 0
+    # y = x_mid + ls2(mlp(norm2(x_mid))) + adapter(x_mid): the adapter is not scaled by gamma
+    torch.testing.assert_close(seen["block_out"], seen["norm2_in"] + 0.3 * seen["mlp_out"] + seen["ad_out"])
+
+
+@pytest.mark.parametrize("drop_prob", [1.0, 0.5])
+def test_adaptformer_output_is_outside_drop_path(drop_prob):
+    model, x = adaptformer_block(drop_path_rate=0.1), images(8)
+    blk = model.blocks[3]
+    blk.drop_path2.drop_prob = drop_prob
+    model.train()
+    seen = record_block(blk)
+    with torch.no_grad():
+        model(x)
+    frozen_branch = seen["block_out"] - seen["norm2_in"] - seen["ad_out"]  # drop_path2(mlp(...)) only
+    kept = torch.zeros(len(x), dtype=torch.bool)
+    for i in range(len(x)):  # per sample: the MLP branch is dropped (0) or scaled by 1/keep; the adapter never
+        if frozen_branch[i].abs().max() < 1e-5:
+            continue
+        torch.testing.assert_close(frozen_branch[i], seen["mlp_out"][i] / (1 - drop_prob), rtol=1e-4, atol=1e-5)
+        kept[i] = True
+    if drop_prob == 1.0:
+        assert not kept.any()
+        torch.testing.assert_close(seen["block_out"], seen["norm2_in"] + seen["ad_out"], rtol=0, atol=1e-6)
+    else:
+        assert kept.any() and not kept.all()  # seed-dependent but deterministic (tiny_vit seeds the RNG)
+    assert seen["ad_out"].abs().sum() > 0
+
+
+def test_adaptformer_parameter_count_and_no_norm2_error():
+    model = vit_b16_meta(dict(name="adaptformer", targets=["ffn"], rank=32))
+    assert lily.count_parameters(model) == 589_824
+    assert set(lily.adapters(model)) == {"ffn"} and len(lily.adapters(model)["ffn"]) == 12
+    block = nn.Module()
+    with pytest.raises(lily.LilyConfigError, match="norm2"):
+        lily.add_residual_adapter(block, "ffn", lily.BottleneckAdapter(4, 4, 2))
