@@ -25,6 +25,26 @@ def main(cfg: DictConfig):
     return run_cli(evaluate_run, cfg)["acc"]
 
 
+USAGE = "usage: python eval.py <run_dir> [split=test|val200|...] [merge=true] [device=...] [precision=fp32|bf16]"
+
+
+def _check_run_dir(argv: list[str]) -> None:
+    """A missing or absent run directory is a clear message, not a Hydra grammar error."""
+    given = [a[len("run_dir="):] for a in argv if a.startswith("run_dir=")]
+    given += [a for a in argv if not a.startswith("-") and "=" not in a]
+    if not given:
+        sys.exit(f"error: no run directory given.\n{USAGE}\n(run directories are under outputs/runs/<task>/<backbone>/<method>/)")
+    for d in given:
+        d = d.strip("'\"")
+        if not os.path.isdir(d):
+            sys.exit(f"error: run directory '{d}' not found.\n{USAGE}")
+        if not os.path.isfile(os.path.join(d, "checkpoint.pt")):
+            sys.exit(f"error: '{d}' holds no checkpoint.pt: not a run directory written by train.py (or it never "
+                     f"finished an epoch).\n{USAGE}")
+
+
 if __name__ == "__main__":
+    if not any(a in ("-h", "--help", "--cfg", "-c", "--info") for a in sys.argv[1:]):
+        _check_run_dir(sys.argv[1:])
     sys.argv[1:] = _quote_run_dir(sys.argv[1:])
     main()

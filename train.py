@@ -1,20 +1,37 @@
-"""Train one configuration: python train.py task=dtd method=lily_kvffn (see README)."""
+"""Train one configuration: python train.py task=dtd method=lily_kvffn (see README).
+
+Sweeps: python train.py -m sweep=ne_scale task=dtd method=lily_kvffn [hydra/launcher=...].
+A job's run directory is a function of its configuration (engine/run.py): re-running a
+command skips finished runs and resumes interrupted ones.
+"""
+import os
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from engine.cli import run_cli
+from engine.cli import record_swept_keys, run_cli
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    from engine.trainer import train
+    from engine.job import run_job
+    try:
+        from engine.sweep import configure_threads
+    except ImportError:  # pragma: no cover
+        configure_threads = None
+    if configure_threads is not None:
+        configure_threads(cfg)
     hc = HydraConfig.get()
-    with open_dict(cfg):
-        cfg.method_id = hc.runtime.choices.get("method")
-    results = run_cli(train, cfg, hc.runtime.output_dir)
-    return results.get("final_acc")  # the objective for sweepers
+    searched = [k for k in hc.sweeper.get("params", None) or {}] + os.environ.get("LILY_SWEPT_KEYS", "").split(",")
+    searched = sorted({k for k in searched if k and k.split("=")[0] not in ("task", "method", "backbone", "seed",
+                                                                            "experiment", "recipe", "protocol")})
+    multirun = hc.mode == RunMode.MULTIRUN
+    return run_cli(run_job, cfg, hc.runtime.output_dir, hc.runtime.choices.get("method"), searched, multirun)
 
 
 if __name__ == "__main__":
+    record_swept_keys(sys.argv[1:])
     main()

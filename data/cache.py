@@ -1,8 +1,10 @@
 """Decode-once cache: a split's images as one uint8 ``.npy`` array, memory-mapped on reuse.
 
-The key hashes what determines the decoded pixels we can see cheaply: the list file's
-bytes, the image size, the interpolation and a format version (bump it when the decode
-changes). Image files edited in place are not noticed; delete the cache dir then.
+The key hashes what determines the decoded pixels that can be seen cheaply: the resolved
+task folder (another data root is another cache entry), the list file's bytes, every listed
+image's size and modification time (one ``stat`` per file, no read: an image rebuilt or
+touched in place invalidates its split), the image size, the interpolation and a format
+version (bumped when the decode changes). A hit is one memory-map.
 """
 from __future__ import annotations
 
@@ -14,16 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def file_stats(paths) -> bytes:
+    """Size and modification time (ns) of every file, packed: what the key sees of the images."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(out).encode()
 
 
 def cache_path(cache_dir, task: str, split: str, image_size: int, interpolation: str,
-               list_bytes: bytes) -> Path:
-    """``<cache_dir>/<task>/<split>-<S>px-<interpolation>-<hash16>.npy``."""
+               list_bytes: bytes, source: str = "", stats: bytes = b"") -> Path:
+    """``<cache_dir>/<task>/<split>-<S>px-<interpolation>-<hash16>.npy``.
+
+    ``source``: the resolved task folder; ``stats``: :func:`file_stats` of the listed images."""
     h = hashlib.sha256()
-    for part in (f"v{FORMAT_VERSION}", str(image_size), interpolation):
+    for part in (f"v{FORMAT_VERSION}", str(image_size), interpolation, source):
         h.update(part.encode() + b"\0")
-    h.update(list_bytes)
+    h.update(list_bytes + b"\0")
+    h.update(stats)
     return Path(cache_dir) / task / f"{split}-{image_size}px-{interpolation}-{h.hexdigest()[:16]}.npy"
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.cache import atomic_memmap, cache_path, open_cached
+from data.cache import atomic_memmap, cache_path, file_stats, open_cached
 from data.registry import SPLITS, Task, get_task
 from engine.errors import UserError
 
@@ -167,8 +167,14 @@ def load_split(root, task, split: str, image_size: int, cache_dir, interpolation
         raise UserError(f"image_size must be a positive integer, got {image_size!r}.")
     image_size = int(image_size)
 
-    _, raw, entries = read_list(task_dir(root, task), task, split)
-    path = cache_path(cache_dir, task.name, split, image_size, interpolation, raw)
+    tdir = task_dir(root, task)
+    _, raw, entries = read_list(tdir, task, split)
+    try:
+        stats = file_stats(e.path for e in entries)
+    except OSError:
+        check_files(entries)  # names the missing file
+        raise
+    path = cache_path(cache_dir, task.name, split, image_size, interpolation, raw, str(tdir.resolve()), stats)
     shape = (len(entries), 3, image_size, image_size)
     images, decoded, t0 = open_cached(path, shape), 0, time.perf_counter()
     if images is None:

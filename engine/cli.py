@@ -1,16 +1,29 @@
-"""What the Hydra entry points share: the repo root for configs, and clean user errors."""
+"""What the Hydra entry points share: the repo root for configs, the run-directory resolver,
+the swept keys of a multirun, and clean user errors."""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LILY_ROOT", str(ROOT))
-# ${dirname:...}: a run-directory component from Hydra's override_dirname ("default" when empty)
-OmegaConf.register_new_resolver("dirname", lambda s: s.replace("/", "_") if s else "default", replace=True)
+
+import engine.run  # noqa: E402,F401  (registers ${run_subdir:} for configs/hydra/default.yaml)
+
+
+def record_swept_keys(argv: list[str]) -> None:
+    """Export the config keys a command-line multirun sweeps (``method.ne=2,4``) as LILY_SWEPT_KEYS,
+    so every job (joblib, submitit, Slurm: they inherit the environment) records them in results.json."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override() and not o.is_hydra_override()]
+    os.environ["LILY_SWEPT_KEYS"] = ",".join(keys)
 
 
 def run_cli(fn, *args, **kwargs):

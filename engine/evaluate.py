@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import lily
 from data import get_task
 from engine.errors import UserError
-from engine.setup import build_model, load_task_split, precision_name, resolve_device, seed_everything
-from engine.trainer import CHECKPOINT, evaluate, write_json
+from engine.setup import build_model, configure_backend, load_task_split, resolve_device, seed_everything
+from engine.run import write_json
+from engine.trainer import CHECKPOINT, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
         run_cfg.update(device=cfg.device, precision=cfg.precision or run_cfg.precision,
                        eval_batch_size=cfg.eval_batch_size, progress=cfg.progress)
     device = resolve_device(cfg.device)
+    configure_backend(device, run_cfg.precision, run_cfg.get("tf32", True))
     seed_everything(run_cfg.seed)
     task = get_task(run_cfg.task.name)
     model, _ = build_model(run_cfg, task.num_classes, device)
@@ -38,7 +40,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     ev = evaluate(model, data, run_cfg, device, f"eval {task.name}/{cfg.split}")
     out = {"run_dir": str(run_dir), "task": task.name, "split": cfg.split, "merged": bool(cfg.merge),
            "acc": ev["acc"], "images": ev["images"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
-           "device": str(device), "precision": precision_name(device, run_cfg.precision)}
+           "device": str(device), "precision": run_cfg.precision}
     results = run_dir / "results.json"
     if results.exists():
         out["run_final_acc"] = json.loads(results.read_text()).get("final_acc")

@@ -34,15 +34,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default, fp32 on CPU (precision=auto)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    """fp32: no autocast (the default, the authors' setting); bf16: torch.autocast in bfloat16."""
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be fp32 or bf16, got '{precision}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def precision_name(device: torch.device, precision: str) -> str:
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+def configure_backend(device: torch.device, precision: str, tf32: bool = True) -> None:
+    """On CUDA, fp32 matmuls and convolutions run in TF32 when ``tf32`` (what torch 1.10, the
+    authors' version, did by default on Ampere and newer GPUs); no effect on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
 def load_task_split(cfg: DictConfig, split: str) -> SplitData:

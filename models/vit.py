@@ -288,6 +288,32 @@ def _hub_cfg(hub_name: str, arch: str):
     return pcfg
 
 
+def hub_weights_problem(hub_name: str, arch: str) -> str | None:
+    """Why timm hub weights cannot be had right now (not cached and the hub unreachable), or None."""
+    try:
+        pcfg = _hub_cfg(hub_name, arch)
+    except UserError as e:
+        return str(e)
+    repo = getattr(pcfg, "hf_hub_id", None)
+    if repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            for fname in ("model.safetensors", "pytorch_model.bin", getattr(pcfg, "hf_hub_filename", None)):
+                if fname and isinstance(try_to_load_from_cache(repo, fname), str):
+                    return None
+        except Exception:  # noqa: BLE001 - an old huggingface_hub: fall through to the network check
+            pass
+    try:
+        from huggingface_hub import constants
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return None
+    except (OSError, UnicodeError, ImportError):
+        pass
+    return (f"the timm hub weights '{hub_name}' are not in the local cache and the hub cannot be reached; "
+            f"download a weights file yourself and pass backbone.checkpoint=/path/to/file ({NPZ_URL_HINT}), "
+            "or set backbone.pretrained=false for random weights")
+
+
 def _load_hub(model: nn.Module, hub_name: str, pcfg, num_classes: int) -> None:
     """timm pretrained weights for ``hub_name`` (Hugging Face hub / URL); UserError when offline."""
     from timm.models import load_pretrained
