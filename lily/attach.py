@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import DEPTH_OVER_NE, LilyConfigError, MethodConfig
-from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter,
-                     add_parallel_adapter, add_residual_adapter, make_router)
+from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter, LPBank,
+                     LPMixture, add_parallel_adapter, add_residual_adapter, make_router)
 
 
 @dataclass
@@ -125,10 +125,21 @@ def _build_lily(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
     act = cfg.ffn_act if sites[0].parallel else "identity"
     router = make_router(d, ne, routing, cfg.router_init) if shared_router else None
     bank = HPBank(ne, d, sites[0].out_features, bias=bias, router=router)
-    lps: list[nn.Linear] = []
+    na, din = get("lp_experts"), sites[0].in_features
+    if na:  # Lily v2: a model-wide LP bank mixed by an LP router per layer
+        if get("lp_stride") != 1:
+            raise LilyConfigError(
+                f"target '{kind}': lp_stride={get('lp_stride')!r} has no meaning with lp_experts={na} "
+                "(Lily v2 mixes one model-wide LP bank in every layer); leave lp_stride at 1 or set lp_experts=0")
+        lp_router = make_router(din, na, routing, cfg.router_init) if shared_router else None
+        lp_bank = LPBank(na, din, d, bias=bias, router=lp_router)
+    lps: list[nn.Module] = []
     adapters = []
     for layer, site in enumerate(sites):
-        if layer % stride == 0:
+        if na:
+            lps.append(LPMixture(lp_bank, None if shared_router else make_router(din, na, routing, cfg.router_init),
+                                 routing))
+        elif layer % stride == 0:
             lps.append(nn.Linear(site.in_features, d, bias=bias))
         layer_router = None if shared_router else make_router(d, ne, routing, cfg.router_init)
         adapters.append(LilyAdapter(lps[-1], bank, layer_router, routing, scale=get("scale"),

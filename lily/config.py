@@ -1,7 +1,7 @@
 """The method configuration shared by Hydra configs and users' own scripts.
 
-Every per-target option (``rank``, ``ne``, ``scale``, ``routing``, ``dropout``,
-``lp_stride``, ``bias``, ``shared_router``) is either one value for all targets or a
+Every per-target option (``rank``, ``ne``, ``lp_experts``, ``scale``, ``routing``,
+``dropout``, ``lp_stride``, ``bias``, ``shared_router``) is either one value for all targets or a
 mapping ``{target: value}``; a mapping may carry a ``default`` entry.
 
 ``lp_stride`` (LP sharing across layers, per target kind with ``L`` sites):
@@ -12,6 +12,14 @@ mapping ``{target: value}``; a mapping may carry a ``default`` entry.
 - ``"depth//ne"``: blocks of ``max(1, L // N_e)`` layers share one LP, with ``N_e`` the
   target kind's ``ne`` (the authors' released ViT code: on ViT-B, N_e 2 -> 2 LPs,
   4 -> 4, 6 -> 6, 8 -> stride 1, i.e. 12 LPs).
+
+``lp_experts`` (Lily v2, the PEFT feature request's "two routers for weighting As and
+Bs"): ``N_a >= 1`` LP experts per target kind in one model-wide bank (``N_a x in x d``),
+mixed per layer by an LP router ``R_A: in -> N_a`` on the layer's input, with the same
+routing mode as the HP router (``shared_router`` shares both routers model-wide). ``0``
+(the default) keeps Lily's per-layer or strided LPs; ``lp_stride`` must then stay 1.
+Trainable count per target: ``N_a*in*d + L*in*N_a + N_e*d*out + L*d*N_e`` (static
+routing: ``L*N_a + L*N_e`` logits instead of the router terms; uniform: none).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ class MethodConfig:
     targets: list = field(default_factory=lambda: ["q", "v"])
     rank: Any = 32                 # d: int or {target: int}
     ne: Any = 4                    # N_e, number of HP experts per target kind (Lily only)
+    lp_experts: Any = 0            # N_a, LP experts per target kind with an LP router (Lily v2); 0: off
     scale: Any = 1.0               # s
     routing: Any = "batch"         # batch | sample | token | static | uniform
     router_init: str = "paper"     # paper: normal(1, 0.01); default: PyTorch Linear init
@@ -49,7 +58,7 @@ class MethodConfig:
     def __post_init__(self):
         self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets or [])
         self.head = [self.head] if isinstance(self.head, str) else list(self.head or [])
-        for key in ("rank", "ne", "scale", "routing", "lp_stride", "dropout", "bias", "shared_router"):
+        for key in ("rank", "ne", "lp_experts", "scale", "routing", "lp_stride", "dropout", "bias", "shared_router"):
             value = getattr(self, key)
             if isinstance(value, Mapping):
                 setattr(self, key, dict(value))
@@ -99,6 +108,7 @@ class MethodConfig:
         for key, check, what in (
             ("rank", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
             ("ne", lambda v: isinstance(v, int) and v >= 1, "a positive int"),
+            ("lp_experts", lambda v: isinstance(v, int) and v >= 0, "an int >= 1 (Lily v2) or 0 (off)"),
             ("lp_stride", lambda v: v == DEPTH_OVER_NE or (isinstance(v, int) and v >= 0),
              f"an int >= 1, 0 (one LP for all layers) or '{DEPTH_OVER_NE}'"),
             ("routing", lambda v: v in ROUTING_MODES, f"one of {ROUTING_MODES}"),

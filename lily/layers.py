@@ -17,6 +17,11 @@ wrappers add their output:
 Lily (paper eq. 3-5, Alg. 1-2): ``delta(x) = s * h @ sum_e w_e E[e]`` with
 ``h = act(dropout(x @ LP))`` and ``w = softmax(h @ R^T)`` reduced per routing mode.
 Experts are always combined before the matmul.
+
+Lily v2 (the PEFT feature request): the LP too is a mixture over a model-wide bank of
+``N_a`` LP experts, ``LP = sum_i w_A,i A_i`` with ``w_A = softmax(x @ R_A^T)`` from a
+per-layer LP router on the layer's input, reduced by the same routing mode
+(:class:`LPBank`, :class:`LPMixture`); everything after the LP is Lily as above.
 """
 from __future__ import annotations
 
@@ -91,15 +96,127 @@ def make_router(d: int, ne: int, routing: str, init: str) -> nn.Module | None:
     return router
 
 
+def routing_weights(router: nn.Module | None, routing: str, n: int, inp: torch.Tensor) -> torch.Tensor:
+    """Expert weights from ``router`` applied to ``inp`` (..., features), reduced per routing mode:
+    (n,) for batch/static/uniform, (B, n) for sample, (..., n) for token. Shared by the HP
+    router (on ``h``) and Lily v2's LP router (on ``x``)."""
+    if routing == "uniform":
+        return inp.new_full((n,), 1.0 / n)
+    if routing == "static":
+        return torch.softmax(router.logits, dim=-1).to(inp.dtype)
+    probs = torch.softmax(router(inp), dim=-1)                       # (B, *tokens, n)
+    if routing == "token":
+        return probs
+    if routing == "sample":
+        return probs.reshape(probs.shape[0], -1, n).mean(dim=1)      # (B, n)
+    return probs.reshape(-1, n).mean(dim=0)                          # batch: (n,)
+
+
+def _fixed_only(routing: str, what: str):
+    if routing not in ("static", "uniform"):
+        raise MergeError(
+            f"{what} with routing='{routing}' is data-dependent (its expert mixture depends "
+            "on the input) and cannot be merged; only 'static' and 'uniform' routing merge")
+
+
+# ---------------------------------------------------------------------------------------
+# Lily v2 (the PEFT feature request): LP experts with a router of their own
+# ---------------------------------------------------------------------------------------
+class LPBank(nn.Module):
+    """Lily v2: the model-wide bank of N_a low-dimension projector experts of one target kind.
+
+    ``experts``: (N_a, in, d), shared (the same Parameter) by every layer's adapter of that
+    kind, like the HP bank. Each expert is initialised like an ``nn.Linear(in, d)`` weight
+    (uniform in +-1/sqrt(in)), as Lily's per-layer LPs are. With ``shared_router`` the LP
+    router lives here too.
+    """
+
+    def __init__(self, na: int, in_features: int, d: int, bias: bool = False, router: nn.Module | None = None):
+        super().__init__()
+        self.na, self.in_features, self.d = na, in_features, d
+        bound = 1.0 / math.sqrt(in_features)
+        self.experts = nn.Parameter(torch.empty(na, in_features, d).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(na, d).uniform_(-bound, bound)) if bias else None
+        self.router = router
+
+    def extra_repr(self):
+        return f"na={self.na}, in_features={self.in_features}, d={self.d}, bias={self.bias is not None}"
+
+
+class LPMixture(nn.Module):
+    """Lily v2's LP of one layer: ``x @ sum_i w_A,i A_i`` over the model-wide :class:`LPBank`.
+
+    ``w_A`` comes from this layer's LP router ``R_A: in -> N_a`` (no bias) applied to the
+    layer's input ``x``, reduced by the routing mode (the same mode as the HP router).
+    Experts are combined before the matmul (batch/static/uniform: one (in, d) matrix;
+    sample: one per sample); ``token`` computes ``x`` against all experts at once
+    (``x @ A.reshape(in, N_a*d)``) and takes the per-token weighted sum, never a
+    (B, T, in, d) tensor. Used as a :class:`LilyAdapter`'s ``lp``.
+    """
+
+    def __init__(self, bank: LPBank, router: nn.Module | None, routing: str):
+        super().__init__()
+        self.bank, self.router, self.routing = bank, router, routing
+        self.in_features, self.out_features = bank.in_features, bank.d
+        self.last_weights: torch.Tensor | None = None  # (N_a,) mean LP routing weights of the last forward
+
+    @property
+    def _router(self) -> nn.Module | None:
+        return self.router if self.router is not None else self.bank.router
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        return routing_weights(self._router, self.routing, self.bank.na, x)
+
+    def fixed_weights(self) -> torch.Tensor:
+        """The input-independent LP expert weights (N_a,) of static and uniform routing."""
+        _fixed_only(self.routing, "Lily v2's LP router")
+        return self.routing_weights(self.bank.experts)  # ignores its input for these two modes
+
+    def combined(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input-independent combined LP (in, d) and bias (d,) or None: static and uniform only."""
+        w = self.fixed_weights()
+        bias = None if self.bank.bias is None else w @ self.bank.bias
+        return einsum(w, self.bank.experts, "a, a i d -> i d"), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        na, d = self.bank.na, self.bank.d
+        w = self.routing_weights(x)
+        self.last_weights = w.detach().reshape(-1, na).mean(dim=0)
+        experts = self.bank.experts.to(x.dtype)
+        if self.routing == "token":
+            # x against every LP expert in one matmul, then the per-token weighted sum:
+            # (..., N_a*d) -> (..., N_a, d) -> (..., d); never a (..., in, d) tensor
+            xa = (x @ rearrange(experts, "a i d -> i (a d)")).unflatten(-1, (na, d))
+            out = (w[..., :, None] * xa).sum(dim=-2)
+        elif self.routing == "sample":
+            lp = einsum(w, experts, "b a, a i d -> b i d")              # one combined LP per sample
+            out = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), lp).reshape(*x.shape[:-1], d)
+        else:
+            out = x @ einsum(w, experts, "a, a i d -> i d")             # one combined LP for the batch
+        if self.bank.bias is not None:
+            b = w @ self.bank.bias.to(x.dtype)                          # (d,), (B, d) or (..., d)
+            if self.routing == "sample":
+                b = b.reshape(b.shape[0], *([1] * (out.dim() - 2)), -1)
+            out = out + b
+        return out
+
+    def extra_repr(self):
+        return f"routing={self.routing}"
+
+
+# ---------------------------------------------------------------------------------------
+# The Lily adapter
+# ---------------------------------------------------------------------------------------
 class LilyAdapter(Adapter):
     """One layer's Lily adapter for one target kind.
 
-    ``lp`` may be shared with neighbouring layers (``lp_stride``); ``bank`` is shared by
-    all layers of the model; ``router`` is this layer's (None when the bank carries a
-    model-shared router, or for ``uniform`` routing).
+    ``lp`` is an ``nn.Linear`` (in -> d), possibly shared with neighbouring layers
+    (``lp_stride``), or Lily v2's :class:`LPMixture` over a model-wide LP bank; ``bank``
+    is shared by all layers of the model; ``router`` is this layer's HP router (None when
+    the bank carries a model-shared router, or for ``uniform`` routing).
     """
 
-    def __init__(self, lp: nn.Linear, bank: HPBank, router: nn.Module | None, routing: str,
+    def __init__(self, lp: nn.Linear | LPMixture, bank: HPBank, router: nn.Module | None, routing: str,
                  scale: float = 1.0, dropout: float = 0.0, act: str = "identity"):
         super().__init__()
         self.lp, self.bank, self.router = lp, bank, router
@@ -116,26 +233,12 @@ class LilyAdapter(Adapter):
 
     def fixed_weights(self) -> torch.Tensor:
         """The input-independent expert weights (N_e,) of static and uniform routing."""
-        if self.routing not in ("static", "uniform"):
-            raise MergeError(
-                f"Lily with routing='{self.routing}' is data-dependent (its expert mixture depends "
-                "on the input) and cannot be merged; only 'static' and 'uniform' routing merge")
+        _fixed_only(self.routing, "Lily")
         return self.routing_weights(self.bank.experts)  # ignores its input for these two modes
 
     def routing_weights(self, h: torch.Tensor) -> torch.Tensor:
         """Expert weights: (N_e,) for batch/static/uniform, (B, N_e) sample, (..., N_e) token."""
-        ne = self.bank.ne
-        if self.routing == "uniform":
-            return h.new_full((ne,), 1.0 / ne)
-        router = self._router
-        if self.routing == "static":
-            return torch.softmax(router.logits, dim=-1).to(h.dtype)
-        probs = torch.softmax(router(h), dim=-1)                      # (B, *tokens, N_e)
-        if self.routing == "token":
-            return probs
-        if self.routing == "sample":
-            return probs.reshape(probs.shape[0], -1, ne).mean(dim=1)  # (B, N_e)
-        return probs.reshape(-1, ne).mean(dim=0)                      # batch: (N_e,)
+        return routing_weights(self._router, self.routing, self.bank.ne, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.dropout(self.lp(x)))
@@ -167,10 +270,14 @@ class LilyAdapter(Adapter):
         hp = self.combined_hp()
         if self.act_name != "identity":
             raise MergeError(f"Lily with a {self.act_name} hidden activation is not linear and cannot be merged")
-        dw = self.scale * (self.lp.weight.t() @ hp).t()               # (out, in)
+        if isinstance(self.lp, LPMixture):                            # Lily v2: the combined LP
+            lp_weight, lp_bias = self.lp.combined()                   # (in, d), (d,) or None
+        else:
+            lp_weight, lp_bias = self.lp.weight.t(), self.lp.bias
+        dw = self.scale * (lp_weight @ hp).t()                        # (out, in)
         db = None
-        if self.lp.bias is not None:
-            db = self.lp.bias @ hp
+        if lp_bias is not None:
+            db = lp_bias @ hp
         if self.bank.bias is not None:
             bb = self.fixed_weights() @ self.bank.bias
             db = bb if db is None else db + bb

@@ -9,7 +9,7 @@ from torch import nn
 
 from .attach import _head_parameters, adapt, lily_adapters
 from .config import LilyConfigError, MethodConfig
-from .layers import AdaptedLinear, MergeError
+from .layers import AdaptedLinear, LPMixture, MergeError
 
 FORMAT = "lily-trainable-v1"
 
@@ -40,22 +40,28 @@ def head_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each layer's current expert weights per Lily target kind: ``{kind: (L, N_e)}``.
+    """Each layer's current expert weights per Lily target kind: ``{kind: (L, N_e)}``, and
+    for Lily v2 also the LP routers' weights ``{f"{kind}.lp": (L, N_a)}``.
 
     For data-dependent routing these are the mean routing weights of the last forward
-    pass (run a batch first); static and uniform weights do not depend on data.
+    pass (run a batch first; NaN before any); static and uniform weights do not depend on data.
     """
+    def rows(modules, n):
+        out = []
+        for m in modules:
+            if m.routing in ("static", "uniform"):
+                out.append(m.fixed_weights().float())
+            elif m.last_weights is not None:
+                out.append(m.last_weights.float())
+            else:
+                out.append(torch.full((n,), float("nan")))
+        return torch.stack([r.cpu() for r in out])
+
     out = {}
     for kind, layer_adapters in lily_adapters(model).items():
-        rows = []
-        for a in layer_adapters:
-            if a.routing in ("static", "uniform"):
-                rows.append(a.fixed_weights().float())
-            elif a.last_weights is not None:
-                rows.append(a.last_weights.float())
-            else:
-                rows.append(torch.full((a.bank.ne,), float("nan")))
-        out[kind] = torch.stack([r.cpu() for r in rows])
+        out[kind] = rows(layer_adapters, layer_adapters[0].bank.ne)
+        if isinstance(layer_adapters[0].lp, LPMixture):
+            out[f"{kind}.lp"] = rows([a.lp for a in layer_adapters], layer_adapters[0].lp.bank.na)
     return out
 
 
