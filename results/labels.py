@@ -2,7 +2,7 @@
 
 - ViT Lily: ``Lily (<placement>)`` with the placement the targets in the order q, k, v, ffn
   (``Lily (kvffn)``); ``routing: uniform`` (no router) is the monoscale ablation:
-  ``Lily-mono (kvffn)``.
+  ``Lily-mono (kvffn)``. With an LP expert bank (``lp_experts``, Lily v2): ``Lily v2 (kvffn)``.
 - Vim Lily (targets in_proj and delta): ``Lily_<N_e>^{<delta rank>,<in_proj rank>}``, where
   N_e is in_proj's; when N_e is searched, ``Lily_{≤<largest N_e searched>}^{m,n}`` (paper
   Table 2). ``lp_stride.in_proj: 0`` (one model-shared in_proj LP) is ``DeltaFit_<delta rank>``;
@@ -97,7 +97,7 @@ def method_label(identity: dict, grids=(), method_id: str | None = None) -> Labe
         placement = "".join(t for t in VIT_ORDER if t in targets) + "".join(t for t in targets if t not in VIT_ORDER)
         routing = m.get("routing")
         mono = all(r == "uniform" for r in (routing.values() if isinstance(routing, dict) else [routing]))
-        base = "Lily-mono" if mono else "Lily"
+        base = ("Lily v2" if m.get("lp_experts") else "Lily") + ("-mono" if mono else "")
         return Label(f"{base} ({placement})", f"{base} ({latex_escape(placement)})",
                      "lily-mono" if mono else "lily", placement)
     if name == "lora" and vim:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from data.registry import TASKS
 from results.labels import method_label
 from results.runs import load_runs, short_hash
 from results.tables import build_tables, main, to_latex, to_markdown
@@ -16,9 +17,6 @@ from results.tables import build_tables, main, to_latex, to_markdown
 ROOT = Path(__file__).resolve().parents[1]
 KVFFN = {"name": "lily", "targets": ["k", "v", "ffn"], "rank": {"k": 16, "v": 16, "ffn": 32}, "ne": 4, "scale": 1.0,
          "routing": "batch", "router_init": "paper", "lp_stride": 1, "dropout": 0.0, "ffn_act": "relu"}
-GROUP = {"dtd": "natural", "caltech101": "natural", "eurosat": "specialized", "kitti": "structured",
-         "dmlab": "structured", "digits": "demo", "svhn": "natural", "patch_camelyon": "specialized",
-         "dsprites_loc": "structured"}
 
 
 def write_run(root, task, method_id="lily_kvffn", method=None, seed=42, protocol="paper", recipe="authors",
@@ -37,7 +35,7 @@ def write_run(root, task, method_id="lily_kvffn", method=None, seed=42, protocol
     d.mkdir(parents=True)
     final = best if final is None else final
     r = {"status": status, "message": None if status == "finished" else "boom", "run_id": rid, "identity": ident,
-         "searched": list(searched), "method_id": method_id, "task": task, "group": GROUP[task],
+         "searched": list(searched), "method_id": method_id, "task": task, "group": TASKS[task].group,
          "backbone": backbone, "seed": seed, "protocol": protocol, "recipe": recipe, "precision": "fp32",
          "normalization": "none", "epochs": epochs,
          "history": [] if best is None else [{"epoch": epochs, "split": splits[protocol][1], "acc": final}],
@@ -167,9 +165,12 @@ def _method(name):
     ("lily_kvffn_monoscale", "Lily-mono (kvffn)"), ("lily_ffn_monoscale", "Lily-mono (ffn)"),
     ("lily_vim", "Lily_5^{4,8}"), ("lily0_vim", "Lily_0^{4,4}"), ("deltafit", "DeltaFit_4"),
     ("deltafit8", "DeltaFit_8"), ("deltainfit", "DeltaInFit"), ("lora", "LoRA (r=32)"),
-    ("adaptformer", "AdaptFormer"), ("linear", "Linear"), ("full", "Full")])
+    ("lily2_kvffn", "Lily v2 (kvffn)"), ("adaptformer", "AdaptFormer"), ("linear", "Linear"), ("full", "Full")])
 def test_labels_from_the_method_configs(method_id, label):
-    assert method_label({"method": _method(method_id)}, method_id=method_id).text == label
+    method = _method(method_id)
+    if method.get("lp_experts") == "${.ne}":
+        method["lp_experts"] = method["ne"]  # resolved in a run's identity
+    assert method_label({"method": method}, method_id=method_id).text == label
 
 
 def test_cli_writes_markdown_csv_latex_and_lists_unused_runs(runs, tmp_path):
