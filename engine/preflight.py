@@ -52,8 +52,6 @@ def check_numbers(cfg: DictConfig) -> list[str]:
     if o.get("lr_base_batch") is not None:
         need(_is_num(o.lr_base_batch) and o.lr_base_batch > 0, "optim.lr_base_batch", o.lr_base_batch,
              "a positive number or null")
-    if _is_int(o.epochs) and _is_int(o.warmup_epochs) and o.warmup_epochs > o.epochs:
-        p.append(f"optim.warmup_epochs={o.warmup_epochs} is longer than optim.epochs={o.epochs}")
     need(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     for key in ("max_train_steps", "stop_after_epoch"):
         v = cfg.get(key)

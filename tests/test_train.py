@@ -46,7 +46,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_short_reaches_accuracy_and_eval_reproduces_it(demo_run):
     tmp, _, _ = demo_run
-    rd = run_dir_of(tmp, "digits", "vit_tiny", "lily_qvffn", "*")
+    rd = run_dir_of(tmp, "digits", "vit_tiny", "lily_qvffn_tiny", "*")
     res = json.loads((rd / "results.json").read_text())
     for key in ("task", "method", "backbone", "seed", "trainable_params", "head_params", "history", "final_acc",
                 "best_acc", "train_seconds", "eval_seconds", "train_images_per_s", "eval_images_per_s"):
@@ -67,7 +67,7 @@ def test_demo_short_reaches_accuracy_and_eval_reproduces_it(demo_run):
 
 def test_second_run_decodes_no_image(demo_run):
     tmp, _, _ = demo_run
-    first = json.loads((run_dir_of(tmp, "digits", "vit_tiny", "lily_qvffn", "*") / "results.json").read_text())
+    first = json.loads((run_dir_of(tmp, "digits", "vit_tiny", "lily_qvffn_tiny", "*") / "results.json").read_text())
     second = json.loads((run_dir_of(tmp, "digits", "vit_tiny", "linear", "*") / "results.json").read_text())
     assert sum(d["decoded"] for d in first["data"].values()) == 1000 + 797
     assert sum(d["decoded"] for d in second["data"].values()) == 0
@@ -85,8 +85,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     run(TINY, a)
     stopped = run(TINY + ["stop_after_epoch=2"], b)
     rd_b = run_dir_of(b)
-    assert not (rd_b / "results.json").exists() and (rd_b / "checkpoint.pt").exists(), stopped.stderr[-2000:]
-    run(TINY + ["resume=true"], b)
+    status = json.loads((rd_b / "results.json").read_text())["status"]
+    assert status == "interrupted" and (rd_b / "checkpoint.pt").exists(), stopped.stderr[-2000:]
+    run(TINY, b)  # the same command again continues the run
     rd_a = run_dir_of(a)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (rd_a, rd_b))
     assert ra["final_acc"] == rb["final_acc"] and ra["history"] == rb["history"]
@@ -100,7 +101,7 @@ def _write_task(root, lines, name="dtd", image=True):
     (d / "images").mkdir(parents=True, exist_ok=True)
     if image:
         Image.new("RGB", (8, 8), (10, 20, 30)).save(d / "images" / "a.png")
-    for split in ("train800val200", "test"):
+    for split in ("train800", "val200", "train800val200", "test"):
         (d / f"{split}.txt").write_text(lines)
     return d
 
@@ -139,8 +140,9 @@ def test_config_mistakes_stop_early(tmp_path, args, needle):
 
 
 def test_count_params_prints_the_paper_counts():
-    for args, expected in ((["backbone=vit_b16_in21k", "method=lily_qv", "method.ne=4"], 789504),
-                           (["backbone=vit_b16_in21k", "method=lily_kvffn"], 789504),
+    for args, expected in ((["backbone=vit_b16_in21k", "recipe=paper", "method=lily_qv", "method.ne=4"], 789504),
+                           (["backbone=vit_b16_in21k", "recipe=authors", "method=lily_kvffn", "method.ne=4"], 396288),
+                           (["backbone=vit_b16_in21k", "method=lily2_kvffn"], 506880),
                            (["backbone=vit_b16_in21k", "method=lora"], 1179648)):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts/count_params.py"), *args], capture_output=True,
                               text=True, timeout=300, cwd=ROOT)
@@ -155,7 +157,7 @@ def test_wandb_offline_run_logs_accuracy_and_expert_weights(tmp_path):
     logs = list(run_dir_of(tmp_path).glob("wandb/offline-run-*/*.wandb"))
     assert len(logs) == 1, proc.stderr[-2000:]
     blob = logs[0].read_bytes()
-    assert b"final/test_acc" in blob and b"experts/q/layer00/e0" in blob and b"experts/v/layer05/e3" in blob
+    assert b"test_acc" in blob and b"experts/q/layer00/e0" in blob and b"experts/v/layer05/e3" in blob
 
 
 def test_vim_s_lily_trains_on_cpu(tmp_path):
