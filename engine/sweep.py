@@ -103,7 +103,9 @@ def thread_share(cfg) -> tuple[int | None, str]:
     """(threads, why) for this job; threads None means: keep torch's default."""
     explicit = cfg.get("threads", "auto") if cfg is not None else "auto"
     if explicit not in (None, "auto"):
-        return int(explicit), "threads=" + str(explicit)
+        if isinstance(explicit, int) and not isinstance(explicit, bool) and explicit >= 1:
+            return explicit, f"threads={explicit}"
+        return None, f"threads={explicit!r} is not a positive int (the run's preflight reports it)"
     cpus, source = available_cpus()
     hc = _hydra_config()
     multirun = hc is not None and hc.mode == RunMode.MULTIRUN
@@ -114,9 +116,11 @@ def thread_share(cfg) -> tuple[int | None, str]:
         if n_jobs < 0:  # joblib: -1 = all CPUs, -2 = all but one...
             n_jobs = max(1, cpus + 1 + n_jobs)
         at_once = min(n_jobs, batch) if batch else n_jobs
+        _warn_crowded(at_once, cpus, "lower hydra.launcher.n_jobs")
         return max(1, cpus // at_once), f"{source} / {at_once} joblib jobs at once (n_jobs={n_jobs})"
     if kind == "submitit_local":
         at_once = batch or 1
+        _warn_crowded(at_once, cpus, "set hydra.sweeper.max_batch_size or use hydra/launcher=joblib_cpu")
         share, why = max(1, cpus // at_once), f"{source} / {at_once} submitit_local jobs at once"
         per_task = hc.launcher.get("cpus_per_task")
         if per_task:
@@ -125,6 +129,12 @@ def thread_share(cfg) -> tuple[int | None, str]:
     if source.startswith("SLURM"):
         return cpus, source
     return None, f"{kind}: torch default"
+
+
+def _warn_crowded(at_once: int, cpus: int, fix: str) -> None:
+    if at_once > cpus:
+        log.warning("%d jobs run at once on %d CPUs: they share cores even with 1 thread each (%s)",
+                    at_once, cpus, fix)
 
 
 def configure_threads(cfg=None) -> int:
@@ -263,13 +273,15 @@ def _expected_jobs(config) -> tuple[list[list[str]], int] | None:
         sweeper = config.hydra.sweeper
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return None
-        params = OmegaConf.to_container(sweeper.get("params") or {}, resolve=True)
+        params = sweeper.get("params")
+        params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
         args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
         batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args),
                                                sweeper.get("max_batch_size"))
         return [job for b in batches for job in b], len(batches[0])
     except Exception as e:  # noqa: BLE001 - the summary then lists the jobs that reported
-        log.debug("cannot expand the sweep: %s", e)
+        log.warning("sweep summary: cannot expand the sweep (%s: %s); jobs that never start will not be listed",
+                    type(e).__name__, e)
         return None
 
 
