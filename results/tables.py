@@ -208,14 +208,15 @@ def _caption(protocol: str, first: pd.Series, seeds: list, n_common: int, n_othe
                   "training on train800; retrained on train800val200; test accuracy after the last epoch, "
                   "evaluated once"),
     }[protocol]
-    sel = {"paper": "highest mean best-of-test accuracy over seeds", "search": "highest mean val200 accuracy",
-           "final": "chosen in stage 1 on val200"}[protocol]
-    grid = (f"; per task the grid point of {', '.join(searched)} with the {sel}" if searched
-            else "; no hyper-parameter searched")
+    sel = {"paper": "highest mean best-of-test accuracy over seeds", "search": "highest mean val200 accuracy over seeds",
+           "final": ""}[protocol]
+    grid = ("; no hyper-parameter searched" if not searched else
+            f"; per task the grid point of {', '.join(searched)} " + ("chosen in stage 1 on val200" if protocol == "final"
+                                                                      else f"with the {sel}"))
     seeds_txt = ", ".join(map(str, seeds))
     n_txt = f"n = {n_common} seed{'s' if n_common != 1 else ''} per cell" + (" unless marked (n=k)" if n_other else "")
     return (f"{what}{grid}. Backbone {first['backbone']}; recipe {first['recipe']}; precision {first['precision']}; "
-            f"normalisation {first['normalization']}; {first['epochs']} epochs; seeds {seeds_txt} ({n_txt}); "
+            f"normalisation {first['normalization']}; {first['epochs']} epoch{'' if first['epochs'] == 1 else 's'}; seeds {seeds_txt} ({n_txt}); "
             "cells: mean ± sample std over seeds (no ± when n = 1); Params(M): trainable parameters without the "
             "head, mean over the selected configurations.")
 
