@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +30,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} was requested but no CUDA device is available; use device=cpu or device=auto")
     return device
-
-
-def autocast(device: torch.device, precision: str):
-    """fp32: no autocast (the default, the authors' setting); bf16: torch.autocast in bfloat16."""
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got '{precision}'")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def configure_backend(device: torch.device, precision: str, tf32: bool = True) -> None:
-    """On CUDA, fp32 matmuls and convolutions run in TF32 when ``tf32`` (what torch 1.10, the
-    authors' version, did by default on Ampere and newer GPUs); no effect on CPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-        torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
 def load_task_split(cfg: DictConfig, split: str) -> SplitData:

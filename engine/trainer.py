@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
 import lily
-from data import SplitData, batches, normalize
+from engine import step
 from engine.errors import UserError
-from engine.setup import autocast, build_model, configure_backend, load_task_split, seed_everything
+from engine.setup import build_model, load_task_split, seed_everything
+
+DATA_ON_DEVICE_MAX = 4 << 30  # data_on_device=auto: a split stays on the GPU up to this many bytes
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -40,27 +40,10 @@ def _preemption_requested() -> bool:
     return preemption_requested()
 
 
-@torch.inference_mode()
-def evaluate(model, data: SplitData, cfg, device, desc: str) -> dict:
-    """Top-1 accuracy, throughput and the mean per-layer expert weights over ``data``."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen, experts = 0, {}
-    start = time.perf_counter()
-    for images, labels in batches(data, cfg.eval_batch_size, shuffle=False, drop_last=False, seed=0,
-                                  progress_desc=desc if cfg.progress else None):
-        x = normalize(images.to(device, non_blocking=True), cfg.normalization)
-        with autocast(device, cfg.precision):
-            logits = model(x)
-        correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
-        seen += len(labels)
-        for kind, w in lily.expert_weights(model).items():
-            experts[kind] = experts.get(kind, 0) + w * len(labels)
-    correct = int(correct.item())
-    seconds = time.perf_counter() - start
-    return {"acc": 100.0 * correct / max(seen, 1), "images": seen, "seconds": seconds,
-            "images_per_s": seen / max(seconds, 1e-9),
-            "experts": {k: (v / max(seen, 1)).tolist() for k, v in experts.items()}}
+def evaluate(model, data, cfg, device, desc: str) -> dict:
+    """Top-1 accuracy, throughput and the mean per-layer expert weights over ``data`` (engine/step.py)."""
+    return step.evaluate(model, data, batch_size=cfg.eval_batch_size, device=device, normalization=cfg.normalization,
+                         precision=cfg.precision, progress_desc=desc if cfg.progress else None)
 
 
 def make_optimizer(model, cfg: DictConfig):
@@ -84,7 +67,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
     """Train one configuration; returns the results (without identity/status fields)."""
     o, p = cfg.optim, cfg.protocol
     device = torch.device(cfg.device_resolved)
-    configure_backend(device, cfg.precision, cfg.tf32)
+    step.configure_backend(device, cfg.precision, cfg.tf32)
     seed_everything(cfg.seed)
     from data import get_task
     task = get_task(cfg.task.name)
@@ -93,14 +76,16 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
     eval_data = load_task_split(cfg, p.eval_split)
     data_info = {d.split: {"images": len(d.labels), "decoded": d.decoded, "cache": d.cache_path}
                  for d in (train_data, eval_data)}
+    if cfg.get("data_on_device", "auto") not in (False, None):
+        train_data, eval_data = (step.to_device(d, device, DATA_ON_DEVICE_MAX) for d in (train_data, eval_data))
     if len(train_data.labels) < cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the {len(train_data.labels)} training images of "
                         f"{task.name}/{p.train_split} (drop_last=True leaves no step)")
     optimizer, scheduler = make_optimizer(model, cfg)
     lag = int(cfg.recipe.scheduler_lag)
     ckpt_path = run_dir / CHECKPOINT
-    state = {"epoch": 0, "history": [], "experts": [], "lrs": [], "train_seconds": 0.0, "train_images": 0,
-             "eval_seconds": 0.0, "eval_images": 0}
+    state = {"epoch": 0, "step": 0, "lr": None, "loss_sum": 0.0, "images": 0, "history": [], "experts": [], "lrs": [],
+             "train_seconds": 0.0, "train_images": 0, "eval_seconds": 0.0, "eval_images": 0}
     if resume and ckpt_path.exists():
         payload = lily.read_trainable(ckpt_path)
         lily.load_trainable(model, payload)
@@ -120,29 +105,25 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
         lily.save_trainable(model, ckpt_path, extra=extra)
 
     for epoch in range(state["epoch"], o.epochs):
-        model.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        n_seen = 0
-        lr_now = optimizer.param_groups[0]["lr"]
-        it = batches(train_data, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, epoch=epoch)
-        bar = tqdm(it, total=len(it), desc=f"epoch {epoch + 1}/{o.epochs}", leave=False,
-                   disable=not cfg.progress, unit="batch")
-        for step, (images, labels) in enumerate(bar):
-            if cfg.max_train_steps is not None and step >= cfg.max_train_steps:
-                break
-            x = normalize(images.to(device, non_blocking=True), cfg.normalization)
-            y = labels.to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            n_seen += len(y)
-        train_loss = float(loss_sum.item()) / max(n_seen, 1)  # one read-back per epoch
-        state["train_seconds"] += time.perf_counter() - start
-        state["train_images"] += n_seen
+        if state["step"] == 0:
+            state["lr"] = optimizer.param_groups[0]["lr"]
+        lr_now = state["lr"]
+        ep = step.train_epoch(model, optimizer, train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                              device=device, normalization=cfg.normalization, precision=cfg.precision,
+                              start_step=state["step"], max_steps=cfg.max_train_steps,
+                              should_stop=_preemption_requested,
+                              progress_desc=f"epoch {epoch + 1}/{o.epochs}" if cfg.progress else None)
+        state["train_seconds"] += ep["seconds"]
+        state["train_images"] += ep["images"]
+        if not ep["completed"]:  # a preemption signal mid-epoch: save the position in the epoch and stop
+            state.update(step=ep["next_step"], loss_sum=state["loss_sum"] + ep["loss_sum"],
+                         images=state["images"] + ep["images"])
+            checkpoint()
+            raise Interrupted(f"preempted in epoch {epoch + 1} after step {ep['next_step']} (checkpoint written; "
+                              "the job continues from there when it comes back)")
+        n_seen = state["images"] + ep["images"]
+        train_loss = (state["loss_sum"] + ep["loss_sum"]) / max(n_seen, 1)
+        state.update(step=0, loss_sum=0.0, images=0)
         state["lrs"].append(lr_now)
         step_scheduler(scheduler, epoch, lag)
         state["epoch"] = epoch + 1
