@@ -93,12 +93,16 @@ def check_method(cfg: DictConfig) -> list[str]:
     from models import build_backbone
     arch = OmegaConf.to_container(cfg.backbone, resolve=True)
     arch.update(pretrained=False, checkpoint=None)
+    quiet = logging.getLogger("models")
+    level, quiet.level = quiet.level, logging.WARNING  # the meta build is not the run's backbone: no "weights" log line
     try:
         with torch.device("meta"):
             model, _ = build_backbone(OmegaConf.create(arch), get_task(cfg.task.name).num_classes)
             apply_method(model, cfg)
     except UserError as e:
         p.append(str(e))
+    finally:
+        quiet.level = level
     return p
 
 
