@@ -3,7 +3,7 @@
     python scripts/plot_results.py fig3 [--runs outputs/runs] [--protocol paper] [--ne-key method.ne]
                                         [--tasks svhn,patch_camelyon,dmlab,dsprites_loc] [--methods lily_qv,...]
     python scripts/plot_results.py fig4 [--runs outputs/runs] [--protocol paper] [--method lily_vim | --variant LABEL]
-                                        [--tasks ...] [--layers 2 13 22] [--kind in_proj]
+                                        [--tasks ...] [--layers 2 13 22] [--kind in_proj] [--where optim.epochs=30]
 
 Figure 3: accuracy vs N_e, one panel per task, one line per variant (the Lily placements);
 at each N_e the protocol's selection over the other searched keys (e.g. the best mean over
@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 
 from data.registry import VTAB_TASKS  # noqa: E402
 from results.labels import method_label, unique_labels  # noqa: E402
-from results.runs import load_runs  # noqa: E402
+from results.runs import load_runs, where  # noqa: E402
 from results.tables import DISPLAY, PROTOCOLS, prepare, select  # noqa: E402
 
 PAPER_LAYERS, PAPER_DEPTH = (2, 13, 22), 24   # Figure 4 of the paper (Vim-S)
@@ -180,13 +180,15 @@ def main(argv=None):
     ap.add_argument("--variant", default=None, help="fig4: a row label of the table, e.g. 'Lily_5^{4,8}'")
     ap.add_argument("--kind", default=None, help="fig4: target kind (in_proj, ffn, k, v, q, k.lp, ...)")
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="fig4: layer indices (default: spread)")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
+                    help="only runs whose identity has one of these values (repeatable), e.g. optim.epochs=30")
     ap.add_argument("--out", type=Path, default=Path("figures"))
     args = ap.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     if not args.runs.is_dir():
         sys.exit(f"error: {args.runs} is not a folder (pass --runs <output_dir>/runs)")
-    runs = load_runs(args.runs)
     try:
+        runs = where(load_runs(args.runs), args.where)
         if args.figure in ("fig3", "ne"):
             fig = fig3(runs, args.protocol, args.ne_key, split(args.search), split(args.tasks), split(args.methods),
                        args.backbone)

@@ -139,3 +139,27 @@ def assign_variants(df: pd.DataFrame, searched: Iterable[str]) -> tuple[pd.DataF
         v["grids"].add(grid)
     df["variant"], df["family"], df["grid"] = variants, fam, grids
     return df, info
+
+
+def _same(value, wanted: str) -> bool:
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return str(value) == wanted
+
+
+def where(df: pd.DataFrame, conditions: Iterable[str]) -> pd.DataFrame:
+    """Keep the runs whose identity matches every ``key=v1,v2`` (dotted key, any listed value).
+
+    E.g. ``method.ne.in_proj=3,6`` (one search space of several that share runs) or
+    ``optim.epochs=30``. Runs without an identity are kept (they are never used anyway).
+    """
+    for cond in conditions:
+        key, sep, values = cond.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where expects key=value[,value...], got '{cond}'")
+        wanted = values.split(",")
+        keep = [not isinstance(flat, dict) or any(_same(flat.get(key.strip()), w.strip()) for w in wanted)
+                for flat in df["flat"]]
+        df = df[keep]
+    return df

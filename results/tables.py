@@ -2,6 +2,7 @@
 
     python scripts/collect_results.py [--runs outputs/runs] [--protocol paper|final|search]
                                       [--out outputs/tables] [--search method.ne,method.scale]
+                                      [--where method.ne.in_proj=3,6]
 
 Rules (one place, used by the tables, the figures and scripts/clean_protocol.py):
 - Only ``finished`` runs are used; every other status is counted and listed, never used.
@@ -41,7 +42,7 @@ import pandas as pd
 
 from data.registry import GROUPS, TASKS, VTAB_TASKS
 from results.labels import Label, latex_escape, method_label, unique_labels
-from results.runs import assign_variants, load_runs, not_used, searched_keys, status_summary, under
+from results.runs import assign_variants, load_runs, not_used, searched_keys, status_summary, under, where
 
 PROTOCOLS = ("paper", "final", "search")
 METRIC = {"paper": "best_acc", "final": "final_acc", "search": "final_acc"}
@@ -403,11 +404,16 @@ def main(argv=None) -> dict:
                     help="default: paper and final (whichever have runs); search only when asked")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/../tables)")
     ap.add_argument("--search", default="", help="extra searched keys, comma-separated (e.g. method.ne,method.scale)")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
+                    help="only runs whose identity has one of these values (repeatable), e.g. method.ne.in_proj=3,6")
     ap.add_argument("--decimals", type=int, default=1)
     args = ap.parse_args(argv)
     if not args.runs.is_dir():
         sys.exit(f"error: {args.runs} is not a folder (pass --runs <output_dir>/runs)")
-    runs = load_runs(args.runs)
+    try:
+        runs = where(load_runs(args.runs), args.where)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     status = status_block(runs, args.runs)
     if not (runs["status"] == "finished").any():
         sys.exit(f"error: no finished run under {args.runs}.\n{status}")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from data.registry import TASKS
 from results.labels import method_label
-from results.runs import load_runs, short_hash
+from results.runs import load_runs, short_hash, where
 from results.tables import build_tables, main, to_latex, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,3 +205,19 @@ def test_main_without_finished_runs_says_so(tmp_path):
     write_run(tmp_path, "dtd", status="failed")
     with pytest.raises(SystemExit, match="no finished run"):
         main(["--runs", str(tmp_path)])
+
+
+def test_where_picks_one_search_space_of_several_sharing_runs(tmp_path):
+    """Table 2: Lily_5, Lily_{≤6} ({3,6}) and Lily_{≤17} ({5,6,17}) share runs (one per N_e)."""
+    vim = {"name": "lily", "targets": ["in_proj", "delta"], "rank": {"in_proj": 8, "delta": 4},
+           "ne": {"in_proj": 5, "delta": 1}, "routing": {"in_proj": "token", "delta": "uniform"}, "lp_stride": 1}
+    for ne, acc in ((3, 60.0), (5, 61.0), (6, 59.0), (17, 63.0)):
+        write_run(tmp_path, "dtd", "lily_vim", vim, backbone="vim_s", best=acc, searched=("method.ne.in_proj",),
+                  ne={"in_proj": ne, "delta": 1})
+    runs = load_runs(tmp_path)
+    for cond, label, acc in ((None, "Lily_{≤17}^{4,8}", 63.0), ("method.ne.in_proj=3,6", "Lily_{≤6}^{4,8}", 60.0),
+                             ("method.ne.in_proj=5", "Lily_5^{4,8}", 61.0)):
+        (t,) = build_tables(where(runs, [cond] if cond else []), "paper")
+        assert [r.label.text for r in t.rows] == [label] and t.rows[0].cells["dtd"]["mean"] == acc
+    with pytest.raises(ValueError, match="key=value"):
+        where(runs, ["method.ne"])
