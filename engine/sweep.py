@@ -343,9 +343,12 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
                                                                if n or s in ("finished", "skipped", "failed")),
              f"  ledger: {ledger}"]
     bad = [r for r in rows if r[0] not in DONE]
+    # show what tells the jobs apart: the overrides that not every job of the sweep shares
+    shared = set.intersection(*[set(r[3] or []) for r in rows]) if len(rows) > 1 else set()
     for status, run_dir, message, overrides in bad:
+        own = [o for o in overrides or [] if o not in shared]
         lines.append(f"  {status}: {run_dir or '(no run directory)'}")
-        lines.append(f"    overrides: {' '.join(overrides or []) or '(none)'}")
+        lines.append(f"    overrides: {' '.join(own or overrides or []) or '(none)'}")
         if message:
             first, *rest = str(message).strip().splitlines() or [""]
             lines.append(f"    {first}" + (f" [... {len(rest)} more lines in the job log]" if rest else ""))
