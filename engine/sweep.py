@@ -39,6 +39,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -288,7 +289,7 @@ def _expected_jobs(config) -> tuple[list[list[str]], int] | None:
 def _job_fields(config) -> dict:
     hc = config.hydra
     num = hc.job.get("num")
-    return {"num": -1 if num is None else int(num),
+    return {"num": -1 if num is None else int(num), "launcher": launcher_kind(hc),
             "job_id": str(hc.job.get("id")), "overrides": list(hc.overrides.task),
             "run_dir": str(hc.runtime.output_dir), "host": socket.gethostname(), "pid": os.getpid(),
             "time": time.time()}
@@ -304,20 +305,37 @@ def _results_status(run_dir: str | None) -> tuple[str | None, str | None]:
     return res.get("status"), res.get("message")
 
 
+def _slurm_state(job_id: str) -> str | None:
+    """The job's state in Slurm's accounting (e.g. "CANCELLED by 0", "TIMEOUT"), if it can be had."""
+    import shutil
+    import subprocess
+    if not shutil.which("sacct"):
+        return None
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State", "-j", job_id], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[-1].strip() if lines else None
+
+
 def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tuple[str, int]:
     """(summary text, exit code) of a multirun from its ledger."""
     records = read_ledger(ledger) if Path(ledger).exists() else []
     jobs: dict[Any, dict] = {}
     for r in sorted(records, key=lambda r: r.get("time", 0)):
         key = r.get("num") if r.get("num", -1) >= 0 else tuple(r.get("overrides") or ())
-        job = jobs.setdefault(key, {"overrides": r.get("overrides"), "run_dir": None, "end": None})
+        job = jobs.setdefault(key, {"overrides": r.get("overrides"), "run_dir": None, "end": None, "slurm": None})
         job["run_dir"] = r.get("run_dir") or job["run_dir"]
+        if r.get("launcher") == "submitit_slurm":
+            job["slurm"] = r.get("job_id")
         if r.get("event") == "end":
             job["end"] = r
         elif r.get("event") == "requeued":
             job["end"] = None
     for num, overrides in enumerate(expected or []):
-        jobs.setdefault(num, {"overrides": overrides, "run_dir": None, "end": None})
+        jobs.setdefault(num, {"overrides": overrides, "run_dir": None, "end": None, "slurm": None})
     rows = []  # (status, run_dir, message, overrides)
     for key in sorted(jobs, key=lambda k: (isinstance(k, tuple), k)):
         job = jobs[key]
@@ -332,6 +350,9 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
         else:
             why = ("never started" if job["run_dir"] is None else
                    f"results.json: {status}" if status else "no results.json")
+            state = _slurm_state(job["slurm"]) if job["slurm"] else None
+            if state:
+                why += f"; Slurm job {job['slurm']}: {state}"
             rows.append(("did not report", job["run_dir"], f"{why}" + (f": {message}" if message else ""),
                          job["overrides"]))
     order = ["finished", "skipped", "failed", "interrupted", "did not report"]
@@ -352,6 +373,11 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
         if message:
             first, *rest = str(message).strip().splitlines() or [""]
             lines.append(f"    {first}" + (f" [... {len(rest)} more lines in the job log]" if rest else ""))
+    live = [r for r in bad if re.search(r"Slurm job \S+: (RUNNING|PENDING|REQUEUED|COMPLETING|SUSPENDED)",
+                                        str(r[2]))]
+    if live:
+        lines.append(f"  {len(live)} of these jobs are still queued or running on Slurm (squeue): they may finish "
+                     "on their own; re-run the command only once they have ended")
     if bad:
         lines.append(f"sweep incomplete: {len(bad)} of {len(rows)} jobs did not finish; re-run the same command "
                      "to resume them (finished runs are skipped)")
