@@ -39,7 +39,6 @@ import atexit
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -57,6 +56,7 @@ BATCH_ENV = "LILY_SWEEP_BATCH"     # jobs the launcher starts at once (the sweep
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 DONE = ("finished", "skipped")     # statuses that leave nothing to do
 MESSAGE_CHARS = 2000               # cap on a message stored in the ledger
+SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED", "RESIZING", "CONFIGURING")
 
 _threads: dict[str, Any] = {}      # what configure_threads chose, for the ledger
 
@@ -86,7 +86,8 @@ def _hydra_config():
 
 def launcher_kind(hc) -> str:
     """basic | joblib | submitit_local | submitit_slurm | <other target> from a Hydra config."""
-    target = str((hc.launcher or {}).get("_target_", "")) if hc is not None else ""
+    launcher = hc.get("launcher") if hc is not None else None
+    target = str((launcher or {}).get("_target_", ""))
     for suffix, kind in (("BasicLauncher", "basic"), ("JoblibLauncher", "joblib"),
                          ("submitit_launcher.LocalLauncher", "submitit_local"),
                          ("submitit_launcher.SlurmLauncher", "submitit_slurm")):
@@ -336,45 +337,44 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
             job["end"] = None
     for num, overrides in enumerate(expected or []):
         jobs.setdefault(num, {"overrides": overrides, "run_dir": None, "end": None, "slurm": None})
-    rows = []  # (status, run_dir, message, overrides)
+    rows = []  # one per job: status, run_dir, message, overrides, slurm (its state when it did not report)
     for key in sorted(jobs, key=lambda k: (isinstance(k, tuple), k)):
         job = jobs[key]
+        row = {"status": None, "run_dir": job["run_dir"], "message": None, "overrides": job["overrides"] or [],
+               "slurm": None}
         if job["end"] is not None:
             e = job["end"]
-            rows.append((e.get("status") or "failed", e.get("run_dir") or job["run_dir"], e.get("message"),
-                         job["overrides"]))
-            continue
-        status, message = _results_status(job["run_dir"])  # started (maybe cancelled), or never started
-        if status in DONE:
-            rows.append((status, job["run_dir"], None, job["overrides"]))
-        else:
-            why = ("never started" if job["run_dir"] is None else
-                   f"results.json: {status}" if status else "no results.json")
-            state = _slurm_state(job["slurm"]) if job["slurm"] else None
-            if state:
-                why += f"; Slurm job {job['slurm']}: {state}"
-            rows.append(("did not report", job["run_dir"], f"{why}" + (f": {message}" if message else ""),
-                         job["overrides"]))
-    order = ["finished", "skipped", "failed", "interrupted", "did not report"]
-    counts = {s: sum(1 for r in rows if r[0] == s) for s in order}
+            row.update(status=e.get("status") or "failed", run_dir=e.get("run_dir") or job["run_dir"],
+                       message=e.get("message"))
+        else:  # started (and maybe cancelled or killed), or never started
+            status, message = _results_status(job["run_dir"])
+            if status in DONE:
+                row.update(status=status)
+            else:
+                row["slurm"] = _slurm_state(job["slurm"]) if job["slurm"] else None
+                why = ("never started" if job["run_dir"] is None else
+                       f"results.json: {status}" if status else "no results.json")
+                if row["slurm"]:
+                    why += f"; Slurm job {job['slurm']}: {row['slurm']}"
+                row.update(status="did not report", message=why + (f": {message}" if message else ""))
+        rows.append(row)
+    counts = dict.fromkeys(["finished", "skipped", "failed", "interrupted", "did not report"], 0)
     for r in rows:
-        if r[0] not in counts:
-            counts[r[0]] = counts.get(r[0], 0) + 1
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
     lines = [f"sweep summary: {len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()
                                                                if n or s in ("finished", "skipped", "failed")),
              f"  ledger: {ledger}"]
-    bad = [r for r in rows if r[0] not in DONE]
+    bad = [r for r in rows if r["status"] not in DONE]
     # show what tells the jobs apart: the overrides that not every job of the sweep shares
-    shared = set.intersection(*[set(r[3] or []) for r in rows]) if len(rows) > 1 else set()
-    for status, run_dir, message, overrides in bad:
-        own = [o for o in overrides or [] if o not in shared]
-        lines.append(f"  {status}: {run_dir or '(no run directory)'}")
-        lines.append(f"    overrides: {' '.join(own or overrides or []) or '(none)'}")
-        if message:
-            first, *rest = str(message).strip().splitlines() or [""]
+    shared = set.intersection(*[set(r["overrides"]) for r in rows]) if len(rows) > 1 else set()
+    for r in bad:
+        own = [o for o in r["overrides"] if o not in shared] or r["overrides"]
+        lines.append(f"  {r['status']}: {r['run_dir'] or '(no run directory)'}")
+        lines.append(f"    overrides: {' '.join(own) or '(none)'}")
+        if r["message"]:
+            first, *rest = str(r["message"]).strip().splitlines() or [""]
             lines.append(f"    {first}" + (f" [... {len(rest)} more lines in the job log]" if rest else ""))
-    live = [r for r in bad if re.search(r"Slurm job \S+: (RUNNING|PENDING|REQUEUED|COMPLETING|SUSPENDED)",
-                                        str(r[2]))]
+    live = [r for r in bad if (r["slurm"] or "").split(" ")[0] in SLURM_ALIVE]
     if live:
         lines.append(f"  {len(live)} of these jobs are still queued or running on Slurm (squeue): they may finish "
                      "on their own; re-run the command only once they have ended")

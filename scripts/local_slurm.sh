@@ -44,8 +44,12 @@
 #   Reason=BeginTime for AuthInfo cred_expire seconds (Slurm default 120 s; 10 s here,
 #   LOCAL_SLURM_CRED_EXPIRE) and starts again at the next scheduling pass (sched_interval/bf_interval
 #   5 s here, Slurm defaults 60/30 s), with the same job/array ids and SLURM_RESTART_COUNT=1. Measured here:
-#   requeue -> running again in about 25 s (KillWait=10 s). Output files survive only with
-#   --open-mode=append (submitit sets it).
+#   a submitit job that exits right after its requeue runs again ~14 s later; one that ignores the SIGTERM
+#   ~25 s later (KillWait=10 s). Output files survive only with --open-mode=append (submitit sets it).
+# - Time limits: sbatch --signal=USR2@<signal_delay_s> arrives up to 60 s earlier than asked (Slurm's
+#   event resolution); with hydra.launcher.timeout_min=1 signal_delay_s=20 the signal came ~30 s into
+#   each attempt, submitit counted it as a time-out, requeued 3 times (max_num_timeout=3) and then
+#   ended the job ("timed-out too many times"); the run was left "interrupted" with its checkpoint.
 # - `scancel --signal=USR2 <jobid>` signals the job steps (the srun'd python), not the batch shell:
 #   how to simulate a time limit or a preemption by hand. A plain `scancel` sends SIGCONT+SIGTERM, then
 #   SIGKILL after KillWait.
