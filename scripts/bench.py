@@ -148,7 +148,8 @@ def bench_models(backbone, methods, args, device, out):
         model = adapted(base, backbone, replaced_of)
         patched = replace_design(model)
         probe = synthetic_split(2, size, seed=5).images.to(device)
-        reference = ours.model if ours is not None else adapted(base, backbone, replaced_of)
+        reference = getattr(ours.model, "_orig_mod", ours.model) if ours is not None \
+            else adapted(base, backbone, replaced_of)
         randomize_adapters(reference)
         with torch.no_grad():
             params = dict(reference.named_parameters())
