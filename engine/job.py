@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import lily
 from data import get_task
 from engine.errors import UserError
-from engine.run import IDENTITY_FILE, RESULTS_FILE, claim, identity, read_json, run_id, write_json
+from engine.run import IDENTITY_FILE, RESULTS_FILE, RunLock, claim, identity, read_json, run_id, write_json
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, lily.LilyConfigError, lily.MergeError)
@@ -46,6 +46,21 @@ def _base(cfg: DictConfig, run_dir: Path, method_id: str | None, searched: list[
 
 def run_job(cfg: DictConfig, run_dir: str | Path, method_id: str | None = None, searched: list[str] | None = None,
             multirun: bool = False) -> dict:
+    """Run one configuration in ``run_dir`` (see :func:`_run_job`) holding the directory's lock."""
+    try:
+        lock = RunLock(Path(run_dir)).__enter__()
+    except USER_ERRORS as e:
+        if not multirun:
+            raise
+        return {"status": "failed", "run_dir": str(run_dir), "message": str(e), "final_acc": None}
+    try:
+        return _run_job(cfg, run_dir, method_id, searched, multirun)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_job(cfg: DictConfig, run_dir: str | Path, method_id: str | None, searched: list[str] | None,
+             multirun: bool) -> dict:
     """Run one configuration in ``run_dir``. Returns ``{"status", "run_dir", "message", "final_acc"}``.
 
     Single run: a user error is raised (the entry point prints it and exits 2). Multirun: any

@@ -130,6 +130,40 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+class RunLock:
+    """An exclusive lock on a run directory for as long as one process works in it.
+
+    ``fcntl.flock`` on ``<run_dir>/.lock``: released by the OS when the process dies (a
+    cancelled Slurm job, a crash), so a stale lock never blocks a re-run; a second process
+    on the same configuration at the same time is refused instead of writing into the run.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = Path(run_dir) / ".lock", None
+
+    def __enter__(self):
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by {holder} (the same configuration is running); "
+                            "wait for it to end, or stop it, before running this configuration again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+        return False
+
+
 class Claim:
     """What :func:`claim` decided for a run directory."""
 

@@ -120,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
                          images=state["images"] + ep["images"])
             checkpoint()
             raise Interrupted(f"preempted in epoch {epoch + 1} after step {ep['next_step']} (checkpoint written; "
-                              "the job continues from there when it comes back)")
+                              "running the same configuration again continues from there)")
         n_seen = state["images"] + ep["images"]
         train_loss = (state["loss_sum"] + ep["loss_sum"]) / max(n_seen, 1)
         state.update(step=0, loss_sum=0.0, images=0)

@@ -283,3 +283,17 @@ def test_default_precision_is_fp32_and_bf16_swallows_a_small_adapter():
         fracs[name] = (with_adapter == frozen).float().mean().item()
     # measured on this CPU: fp32 0.0% of v outputs unchanged by the adapter, bf16 about 90%
     assert fracs["fp32"] < 0.01 and fracs["bf16"] > 0.5, fracs
+
+
+def test_a_configuration_running_elsewhere_is_refused_not_joined(tmp_path):
+    from engine.run import RunLock
+    args = ["experiment=demo", "optim.epochs=1", "optim.warmup_epochs=0", "max_train_steps=1"]
+    rd = tmp_path / "out" / "runs" / relative_dir(cfg_of(*args), "lily_qvffn_tiny")
+    with RunLock(rd):  # another process holds this run directory
+        proc = run(args, tmp_path, check=False)
+        assert proc.returncode == 2 and "in use by pid" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (rd / "results.json").exists()
+        with pytest.raises(UserError):
+            RunLock(rd).__enter__()
+    run(args, tmp_path)  # released: the same command now runs
+    assert json.loads((rd / "results.json").read_text())["status"] == "finished"
