@@ -183,10 +183,12 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, 
     steps, or ``min(E, max_steps)`` with ``max_steps`` (a debug cap counted from the start
     of the epoch). Steps ``start_step, start_step+1, ...`` are run (``start_step > 0``
     resumes an epoch interrupted after ``start_step`` steps: the first ``start_step``
-    batches of this epoch's order are skipped). A step is: forward under
+    batches of this epoch's order are skipped). The model is put in train mode; a step is: forward under
     :func:`precision_context`, cross-entropy, ``optimizer.zero_grad(set_to_none=True)``,
-    backward, ``optimizer.step()``. After each step ``should_stop()`` (a cheap host-side
-    check, e.g. a preemption flag) may end the epoch early.
+    backward, ``optimizer.step()``. Before each step ``should_stop()`` (a cheap host-side
+    check, e.g. a preemption flag) is asked; True ends the epoch there, before that step
+    (so a stop requested after an epoch's last step is reported by the next call, which
+    then runs no step).
 
     Returns ``{"loss_sum": float (sum over steps of loss * batch), "images": int,
     "loss": loss_sum / images (nan when no step ran), "steps_done": steps run by this call,
@@ -216,6 +218,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, 
                unit="img", unit_scale=True, leave=False, disable=progress_desc is None)
     with bar:
         for step in range(start_step, end):
+            if should_stop is not None and should_stop():
+                break
             x, y = feeder.index(order[step * batch_size:(step + 1) * batch_size])
             with ctx:
                 loss = F.cross_entropy(model(x), y)
@@ -225,8 +229,6 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, 
             loss_sum += loss.detach().double() * batch_size
             steps += 1
             bar.update(batch_size)
-            if should_stop is not None and should_stop():
-                break
     _sync(device)
     seconds = time.perf_counter() - start
     total = loss_sum.item()  # the one read-back of the epoch

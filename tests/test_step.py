@@ -97,7 +97,7 @@ def test_resume_mid_epoch_reproduces_an_uninterrupted_epoch():
     opt_first = make_optimizer(first)
     torch.manual_seed(7)
     calls = []
-    part = run_epoch(first, opt_first, data, epoch=1, should_stop=lambda: calls.append(1) or len(calls) == 3)
+    part = run_epoch(first, opt_first, data, epoch=1, should_stop=lambda: calls.append(1) or len(calls) > 3)
     assert part["steps_done"] == 3 and part["next_step"] == 3 and not part["completed"] and part["images"] == 3 * BATCH
     ckpt = {"params": trainable(first), "optimizer": copy.deepcopy(opt_first.state_dict()), "rng": torch.get_rng_state()}
     torch.manual_seed(12345)  # whatever happens in between
@@ -117,13 +117,16 @@ def test_resume_mid_epoch_reproduces_an_uninterrupted_epoch():
     assert part["loss_sum"] + rest["loss_sum"] == pytest.approx(full["loss_sum"], rel=1e-12)
 
 
-def test_max_steps_caps_the_epoch_and_should_stop_on_the_last_step_still_completes():
+def test_max_steps_caps_the_epoch_and_should_stop_is_asked_before_each_step():
     data = make_data()
     model = make_model()
     out = run_epoch(model, make_optimizer(model), data, epoch=0, max_steps=2)
     assert out["steps_done"] == 2 and out["completed"] and out["images"] == 2 * BATCH
     out = run_epoch(model, make_optimizer(model), data, epoch=0, max_steps=2, start_step=1, should_stop=lambda: True)
-    assert out["steps_done"] == 1 and out["next_step"] == 2 and out["completed"]
+    assert out["steps_done"] == 0 and out["next_step"] == 1 and not out["completed"] and out["images"] == 0
+    asked = []
+    out = run_epoch(model, make_optimizer(model), data, epoch=0, should_stop=lambda: asked.append(1) or False)
+    assert out["steps_done"] == 5 and out["completed"] and len(asked) == 5  # once before each step
     out = run_epoch(model, make_optimizer(model), data, epoch=0, start_step=5)
     assert out["steps_done"] == 0 and out["completed"] and out["images"] == 0
     with pytest.raises(UserError, match="larger than"):
