@@ -73,12 +73,11 @@ def configure_backend(device, precision: str = "fp32", tf32: bool = True) -> Non
     device = torch.device(device)
     if device.type != "cuda":
         return
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
-    else:  # pragma: no cover - older torch
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    # the long-standing flags: torch >= 2.9 mirrors them into its newer ``fp32_precision``
+    # settings, whereas setting those newer ones makes the old getters (still read by
+    # libraries) raise a RuntimeError about mixing the two APIs
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def precision_context(device, precision: str):

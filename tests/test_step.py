@@ -280,5 +280,15 @@ def test_precision_and_backend():
         with pytest.raises(UserError, match="precision"):
             step.configure_backend("cpu", bad)
     step.configure_backend("cpu", "fp32", tf32=True)  # nothing to set on a CPU
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:  # the flags are process-wide and can be set without a GPU; both flag APIs stay readable
+        step.configure_backend("cuda", "fp32", tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        step.configure_backend("cuda", "fp32", tf32=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     model = torch.nn.Linear(2, 2)
     assert step.maybe_compile(model, False) is model
