@@ -96,11 +96,14 @@ def check_same_outputs(ours: torch.nn.Module, replaced: torch.nn.Module, x: torc
     """Evaluation-mode logits of both models on ``x`` must agree (allclose); returns the
     largest absolute difference. Raises AssertionError otherwise."""
     modes = ours.training, replaced.training
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     ours.eval(), replaced.eval()
-    try:
+    try:  # exact fp32 for the comparison (TF32 rounds differently in different kernels)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         a, b = ours(x), replaced(x)
     finally:
         ours.train(modes[0]), replaced.train(modes[1])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     diff = (a - b).abs().max().item()
     if not torch.allclose(a, b, rtol=rtol, atol=atol):
         raise AssertionError(f"the replaced design does not compute what ours computes (max |diff| {diff:.3g})")
