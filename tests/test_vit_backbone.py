@@ -271,7 +271,7 @@ def test_error_config_values():
 # ---------------------------------------------------------------------------------------
 # the backbone configs
 KEYS = {"family", "name", "arch", "hub_name", "pretrained", "checkpoint", "img_size", "drop_path_rate",
-        "pre_logits", "model_kwargs"}
+        "pre_logits", "model_kwargs", "head_init"}
 
 
 @pytest.mark.parametrize("name", ["vit_b16_in21k", "vit_b16_in1k", "vit_tiny"])
