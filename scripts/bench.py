@@ -333,7 +333,7 @@ def main(argv=None):
         r["replaced/ours Vim-S token routing peak memory"] = ratio(vim_replaced, get("vim_s", "lily_vim"), mem)
     for what, v in r.items():
         a_b, rest = what.split(" ", 1)
-        if v is not None:
+        if v is not None and math.isfinite(v):  # not measured: no line
             print(f"{a_b} {rest} ratio: {fmt_ratio(v)}")
 
     paper = all(getattr(args, k) == v for k, v in PAPER_SIZES.items())
