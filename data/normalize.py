@@ -16,7 +16,7 @@ MODES = ("imagenet", "inception", "none")
 
 
 @functools.cache
-def _mean_std(mode: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+def mean_std(mode: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     if mode not in MODES:
         raise UserError(f"unknown normalization '{mode}'; expected one of {', '.join(MODES)}.")
     if mode == "none":
@@ -32,7 +32,7 @@ def normalize(x: torch.Tensor, mode: str) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32, scaled to [0, 1] then standardized per channel."""
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {x.dtype}")
-    stats = _mean_std(mode)
+    stats = mean_std(mode)
     out = x.to(torch.float32).div_(255)
     if stats is None:
         return out

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import lily
 from data.loader import Batches
-from data.normalize import _mean_std
+from data.normalize import mean_std
 from engine.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
@@ -130,7 +130,7 @@ class _Feeder:
         self.images, self.labels, self.device = data.images, data.labels, device
         self.resident = device.type != "cpu" and _on(self.images, device)  # batches gathered on the device
         self.pin = device.type == "cuda" and not self.resident
-        stats = _mean_std(normalization)  # UserError for an unknown mode
+        stats = mean_std(normalization)  # UserError for an unknown mode
         self.mean = self.std = None
         if stats is not None:  # made once (normalize() uploads them per call)
             self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device) for v in stats)
@@ -271,7 +271,7 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
             with ctx:
                 logits = model(x)
             correct += (logits.argmax(-1) == y).sum()
-            for kind, w in lily.expert_weights(model).items():
+            for kind, w in lily.expert_weights(model, cpu=False).items():  # summed on the device
                 experts[kind] = experts.get(kind, 0) + w * len(y)
             bar.update(len(y))
     _sync(device)
@@ -280,4 +280,4 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
     model.train(was_training)
     return {"acc": 100.0 * hits / max(n, 1), "images": n, "seconds": seconds,
             "images_per_s": n / max(seconds, 1e-9),
-            "experts": {k: (v / max(n, 1)).tolist() for k, v in experts.items()}}
+            "experts": {k: (v / max(n, 1)).cpu().tolist() for k, v in experts.items()}}

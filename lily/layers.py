@@ -181,7 +181,7 @@ class LPMixture(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         na, d = self.bank.na, self.bank.d
         w = self.routing_weights(x)
-        self.last_weights = w.detach().reshape(-1, na).mean(dim=0)
+        self.last_weights = w.detach() if w.dim() == 1 else w.detach().reshape(-1, na).mean(dim=0)
         experts = self.bank.experts.to(x.dtype)
         if self.routing == "token":
             # x against every LP expert in one matmul, then the per-token weighted sum:
@@ -191,8 +191,8 @@ class LPMixture(nn.Module):
         elif self.routing == "sample":
             lp = einsum(w, experts, "b a, a i d -> b i d")              # one combined LP per sample
             out = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), lp).reshape(*x.shape[:-1], d)
-        else:
-            out = x @ einsum(w, experts, "a, a i d -> i d")             # one combined LP for the batch
+        else:  # one combined LP for the batch
+            out = x @ (w @ experts.reshape(na, -1)).view(experts.shape[1:])
         if self.bank.bias is not None:
             b = w @ self.bank.bias.to(x.dtype)                          # (d,), (B, d) or (..., d)
             if self.routing == "sample":
@@ -243,7 +243,8 @@ class LilyAdapter(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.dropout(self.lp(x)))
         w = self.routing_weights(h)
-        self.last_weights = w.detach().reshape(-1, self.bank.ne).mean(dim=0)
+        ne = self.bank.ne
+        self.last_weights = w.detach() if w.dim() == 1 else w.detach().reshape(-1, ne).mean(dim=0)
         experts, bias = self.bank.experts.to(h.dtype), self.bank.bias
         if self.routing == "token":
             # per-token mixture as one flattened matmul: ((w ⊗ h) @ E.reshape(N_e*d, out)),
@@ -253,14 +254,14 @@ class LilyAdapter(Adapter):
         elif self.routing == "sample":
             hp = einsum(w, experts, "b e, e d o -> b d o")             # one combined HP per sample
             out = torch.bmm(h.reshape(h.shape[0], -1, h.shape[-1]), hp).reshape(*h.shape[:-1], -1)
-        else:
-            out = h @ einsum(w, experts, "e, e d o -> d o")           # one combined HP for the batch
+        else:  # one combined HP for the batch: (N_e,) @ (N_e, d*out), then one matmul
+            out = h @ (w @ experts.reshape(ne, -1)).view(experts.shape[1:])
         if bias is not None:
             b = w @ bias.to(h.dtype)                                   # (N_e,)->(out,), (B,out), (...,out)
             if self.routing == "sample":
                 b = b.reshape(b.shape[0], *([1] * (out.dim() - 2)), -1)
             out = out + b
-        return self.scale * out
+        return out if self.scale == 1.0 else self.scale * out
 
     def combined_hp(self) -> torch.Tensor:
         """The input-independent combined HP (d, out): static and uniform routing only."""

@@ -39,12 +39,13 @@ def head_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def expert_weights(model: nn.Module, cpu: bool = True) -> dict[str, torch.Tensor]:
     """Each layer's current expert weights per Lily target kind: ``{kind: (L, N_e)}``, and
     for Lily v2 also the LP routers' weights ``{f"{kind}.lp": (L, N_a)}``.
 
     For data-dependent routing these are the mean routing weights of the last forward
     pass (run a batch first; NaN before any); static and uniform weights do not depend on data.
+    ``cpu=False`` leaves them on the model's device (no host synchronisation).
     """
     def rows(modules, n):
         out = []
@@ -54,8 +55,10 @@ def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             elif m.last_weights is not None:
                 out.append(m.last_weights.float())
             else:
-                out.append(torch.full((n,), float("nan")))
-        return torch.stack([r.cpu() for r in out])
+                out.append(None)
+        dev = next((r.device for r in out if r is not None), torch.device("cpu"))
+        stacked = torch.stack([r.to(dev) if r is not None else torch.full((n,), float("nan"), device=dev) for r in out])
+        return stacked.cpu() if cpu else stacked
 
     out = {}
     for kind, layer_adapters in lily_adapters(model).items():
