@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data.registry import SPLITS, get_task
-from engine.errors import UserError
+from common.errors import UserError
 
 PERMUTATION_SEED = 0
 

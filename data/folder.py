@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data.cache import atomic_memmap, cache_path, file_stats, open_cached
 from data.registry import SPLITS, Task, get_task
-from engine.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from engine.errors import UserError
+from common.errors import UserError
 
 MODES = ("imagenet", "inception", "none")
 

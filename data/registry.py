@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import UserError
+from common.errors import UserError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 GROUPS = ("natural", "specialized", "structured")

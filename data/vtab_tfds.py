@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.registry import SPLITS, VTAB_TASKS, get_task
-from engine.errors import UserError
+from common.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMATS = ("jpg", "png")

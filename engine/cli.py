@@ -29,7 +29,7 @@ def record_swept_keys(argv: list[str]) -> None:
 def run_cli(fn, *args, **kwargs):
     """Call fn; errors a user can cause print one clear message and exit 2 without a traceback."""
     import lily
-    from engine.errors import UserError
+    from common.errors import UserError
     try:
         return fn(*args, **kwargs)
     except (UserError, lily.LilyConfigError, lily.MergeError) as e:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lily
 from data import get_task
-from engine.errors import UserError
+from common.errors import UserError
 from engine.setup import build_model, load_task_split, resolve_device, seed_everything
 from engine.step import configure_backend
 from engine.run import write_json

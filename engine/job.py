@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lily
 from data import get_task
-from engine.errors import UserError
+from common.errors import UserError
 from engine.run import IDENTITY_FILE, RESULTS_FILE, RunLock, claim, identity, read_json, run_id, write_json
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import lily
 from data import SPLITS, ensure_digits, get_task
 from data.folder import INTERPOLATIONS, read_list, task_dir
 from data.normalize import MODES
-from engine.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")

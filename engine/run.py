@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lily
 from data import SplitData, ensure_digits, get_task, load_split
-from engine.errors import UserError
+from common.errors import UserError
 from models import build_backbone
 
 log = logging.getLogger(__name__)

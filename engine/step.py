@@ -45,7 +45,7 @@ from tqdm import tqdm
 import lily
 from data.loader import Batches
 from data.normalize import mean_std
-from engine.errors import UserError
+from common.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
 

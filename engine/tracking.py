@@ -27,7 +27,7 @@ class Tracker:
         if cfg_logger.name == "none":
             return
         if cfg_logger.name != "wandb":
-            from engine.errors import UserError
+            from common.errors import UserError
             raise UserError(f"unknown logger '{cfg_logger.name}'; use logger=wandb or logger=none")
         import wandb
 

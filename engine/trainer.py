@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 
 import lily
 from engine import step
-from engine.errors import UserError
+from common.errors import UserError
 from engine.setup import build_model, load_task_split, seed_everything
 
 DATA_ON_DEVICE_MAX = 4 << 30  # data_on_device=auto: a split stays on the GPU up to this many bytes

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.errors import UserError
+from common.errors import UserError
 
 FAMILIES = ("vit", "vim")
 

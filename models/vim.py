@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
-from engine.errors import UserError
+from common.errors import UserError
 from models import mamba_ops
 
 OFFICIAL_CHECKPOINT = "vim_s_midclstok_80p5acc.pth"

@@ -31,7 +31,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from engine.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
 from data.registry import VTAB_TASKS  # noqa: E402
 from data.vtab_tfds import FORMATS, build_all  # noqa: E402
-from engine.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from data import SPLITS, SplitData, batches, ensure_digits, get_task, load_split, normalize
-from engine.errors import UserError
+from common.errors import UserError
 
 S = 8  # decode size used throughout: tiny and fast
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from data import vtab_tfds as vt
 from data.registry import SPLITS, VTAB_TASKS, get_task
-from engine.errors import UserError
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_vtab.py"

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 import lily
 from engine.cli import ROOT
-from engine.errors import UserError
+from common.errors import UserError
 from engine.run import identity, readable, relative_dir, run_id
 
 from tests.test_train import run, run_dir_of

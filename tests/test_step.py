@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 import lily
 from data import SplitData, batches, get_task, normalize
 from engine import step
-from engine.errors import UserError
+from common.errors import UserError
 
 N, CLASSES, SIZE, BATCH = 44, 5, 16, 8  # 5 steps an epoch (drop_last), 4 images left over
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
+from common.errors import UserError
 from models import mamba_ops
 from models.mamba_ops import causal_conv1d, selective_scan, selective_scan_ref, selective_scan_torch
 from models.vim import (BiMambaMixer, RMSNorm, VisionMamba, build_vim, linear_no_bias,

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from engine.errors import UserError
+from common.errors import UserError
 from models.vit import VisionTransformerPreLogits, build_vit
 
 ROOT = Path(__file__).resolve().parents[1]

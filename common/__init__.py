@@ -1,0 +1,1 @@
+"""The floor below every room: what data/, models/, engine/ and scripts/ all share."""
