@@ -61,8 +61,19 @@ def identity(cfg: DictConfig | dict) -> dict:
     return d
 
 
+def _numbers_as_floats(obj):
+    """1 and 1.0 are the same value to a run (method.scale=1 vs 1.0): hash them alike."""
+    if isinstance(obj, dict):
+        return {k: _numbers_as_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_numbers_as_floats(v) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return float(obj)
+    return obj
+
+
 def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(_numbers_as_floats(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def run_id(ident: dict) -> str:

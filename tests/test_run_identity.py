@@ -36,6 +36,9 @@ def test_identity_ignores_paths_device_logger_and_covers_everything_else():
                    "backbone.drop_path_rate=0.2", "method.routing=sample"):
         other = cfg_of("experiment=demo", change)
         assert run_id(identity(other)) != run_id(identity(base)), change
+    # the same value written as an int or a float is the same configuration
+    assert run_id(identity(cfg_of("experiment=demo", "method.scale=1"))) == run_id(identity(base))
+    assert run_id(identity(cfg_of("experiment=demo", "optim.lr=0.003"))) == run_id(identity(base))
     # readable and unique: task/backbone/method/<headline>-<hash>
     rel = relative_dir(base, "lily_qvffn_tiny")
     assert rel.startswith("digits/vit_tiny/lily_qvffn_tiny/ne3-s1-authors-paper-seed42-")
