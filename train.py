@@ -25,10 +25,12 @@ def main(cfg: DictConfig):
     if configure_threads is not None:
         configure_threads(cfg)
     hc = HydraConfig.get()
-    searched = [k for k in hc.sweeper.get("params", None) or {}] + os.environ.get("LILY_SWEPT_KEYS", "").split(",")
-    searched = sorted({k for k in searched if k and k.split("=")[0] not in ("task", "method", "backbone", "seed",
-                                                                            "experiment", "recipe", "protocol")})
     multirun = hc.mode == RunMode.MULTIRUN
+    searched = [k for k in hc.sweeper.get("params", None) or {}]
+    if multirun:  # the command line's swept keys (engine.cli.record_swept_keys)
+        searched += os.environ.get("LILY_SWEPT_KEYS", "").split(",")
+    searched = sorted({k for k in searched if k and k not in ("task", "method", "backbone", "seed", "experiment",
+                                                             "recipe", "protocol")})
     return run_cli(run_job, cfg, hc.runtime.output_dir, hc.runtime.choices.get("method"), searched, multirun)
 
 

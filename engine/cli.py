@@ -18,8 +18,17 @@ def record_swept_keys(argv: list[str]) -> None:
     if not any(a in ("-m", "--multirun") for a in argv):
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    with_value = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in with_value:
+            skip = True  # its value is not an override
+        elif not a.startswith("-"):
+            args.append(a)
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
         return
     keys = [o.key_or_group for o in overrides if o.is_sweep_override() and not o.is_hydra_override()]
