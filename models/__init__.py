@@ -47,9 +47,12 @@ def build_backbone(cfg, num_classes: int):
     else:
         raise UserError(f"unknown backbone family '{family}' in backbone '{cfg.get('name')}'; expected one of {FAMILIES}")
     how = cfg.get("head_init") or "default"
-    if not next(model.parameters()).is_meta:
-        init_head(model, how)
-    info["head_init"] = how
+    if info.get("head") == "loaded":  # the checkpoint's own head fits (same classes): keep it
+        info["head_init"] = "loaded"
+    else:
+        if not next(model.parameters()).is_meta:
+            init_head(model, how)
+        info["head_init"] = how
     return model, info
 
 
