@@ -303,9 +303,11 @@ def hub_weights_problem(hub_name: str, arch: str) -> str | None:
                     return None
         except Exception:  # noqa: BLE001 - an old huggingface_hub: fall through to the network check
             pass
-    try:
+    try:  # the hub's host resolves and accepts a connection (a few seconds at most)
         from huggingface_hub import constants
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        host = urlparse(constants.ENDPOINT).hostname
+        socket.getaddrinfo(host, 443)
+        socket.create_connection((host, 443), timeout=5).close()
         return None
     except (OSError, UnicodeError, ImportError):
         pass
