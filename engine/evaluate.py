@@ -18,6 +18,16 @@ from engine.trainer import CHECKPOINT, evaluate
 log = logging.getLogger(__name__)
 
 
+def eval_path(run_dir: Path, split: str, precision: str, merged: bool) -> Path:
+    """``eval-<split>-<precision>[-merged].json`` in the run directory; an earlier file of the same
+    name is kept and the new one numbered (``...-2.json``): no result is overwritten."""
+    stem = f"eval-{split}-{precision}{'-merged' if merged else ''}"
+    path, n = run_dir / f"{stem}.json", 2
+    while path.exists():
+        path, n = run_dir / f"{stem}-{n}.json", n + 1
+    return path
+
+
 def evaluate_run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     cfg_path, ckpt = run_dir / "config.yaml", run_dir / CHECKPOINT
@@ -45,7 +55,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
     results = run_dir / "results.json"
     if results.exists():
         out["run_final_acc"] = json.loads(results.read_text()).get("final_acc")
-    write_json(run_dir / "eval.json", out)
+    path = eval_path(run_dir, cfg.split, out["precision"], bool(cfg.merge))
+    write_json(path, out)
     print(f"{task.name}/{cfg.split}: acc {ev['acc']:.2f}% on {ev['images']} images, "
-          f"{ev['images_per_s']:.0f} images/s{' (merged)' if cfg.merge else ''} -> {run_dir / 'eval.json'}")
+          f"{ev['images_per_s']:.0f} images/s{' (merged)' if cfg.merge else ''} -> {path}")
     return out

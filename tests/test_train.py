@@ -61,8 +61,12 @@ def test_demo_short_reaches_accuracy_and_eval_reproduces_it(demo_run):
     assert len(experts) == 1 and set(experts[-1]["weights"]) == {"q", "v", "ffn"}
     # eval.py on the run reproduces final_acc exactly
     proc = run([str(rd)], tmp, script="eval.py")
-    ev = json.loads((rd / "eval.json").read_text())
+    ev = json.loads((rd / "eval-test-fp32.json").read_text())
     assert ev["acc"] == res["final_acc"] and ev["split"] == "test", (ev, proc.stdout)
+    # a second evaluation never overwrites the first
+    run([str(rd)], tmp, script="eval.py")
+    assert json.loads((rd / "eval-test-fp32-2.json").read_text())["acc"] == ev["acc"]
+    assert json.loads((rd / "eval-test-fp32.json").read_text()) == ev
 
 
 def test_second_run_decodes_no_image(demo_run):
@@ -176,7 +180,7 @@ def test_eval_after_merging_a_static_lily_run(tmp_path):
     rd = run_dir_of(tmp_path)
     final = json.loads((rd / "results.json").read_text())["final_acc"]
     run([str(rd), "split=val200", "merge=true", "progress=false"], tmp_path, script="eval.py")
-    ev = json.loads((rd / "eval.json").read_text())
+    ev = json.loads((rd / "eval-val200-fp32-merged.json").read_text())
     assert ev["merged"] and ev["split"] == "val200" and abs(ev["acc"] - final) <= 0.5  # fp32 round-off only
     # a data-dependent router refuses to merge, with a message and no traceback
     other = tmp_path / "batch"
