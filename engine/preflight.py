@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import lily
 from data import SPLITS, ensure_digits, get_task
 from data.folder import INTERPOLATIONS, read_list, task_dir
 from data.normalize import MODES

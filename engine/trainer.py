@@ -9,7 +9,6 @@ arrives), ``results.json`` and ``experts.json`` (per-layer expert weights at eve
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
