@@ -297,13 +297,12 @@ def _job_fields(config) -> dict:
 
 
 def _results_status(run_dir: str | None) -> tuple[str | None, str | None]:
-    if not run_dir:
-        return None, None
+    from engine.run import RESULTS_FILE, read_json
     try:
-        res = json.loads((Path(run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None, None
-    return res.get("status"), res.get("message")
+        res = read_json(Path(run_dir) / RESULTS_FILE) if run_dir else None
+    except (OSError, ValueError):  # unreadable: reported as unknown, as before
+        res = None
+    return (res.get("status"), res.get("message")) if res else (None, None)
 
 
 def _slurm_state(job_id: str) -> str | None:

@@ -153,7 +153,6 @@ def _ledger(runs_dir: Path, pid: int, since: float) -> Path | None:
 
 def run_stage(name: str, cmd: list[str], runs_dir: Path) -> dict:
     """Run one ``train.py -m`` command; return {run_dir: overrides} of its jobs (all done)."""
-    import json
     print(f"[clean protocol] {name}: {' '.join(cmd)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
     start = time.time()
@@ -166,12 +165,9 @@ def run_stage(name: str, cmd: list[str], runs_dir: Path) -> dict:
     if ledger is None:
         raise CleanProtocolError(f"{name}: no sweep ledger of this command under {runs_dir / '.sweeps'}; set "
                                  "paths.output_dir on the command line (not in an experiment file)")
+    from engine.sweep import read_ledger
     jobs, bad = {}, []
-    for line in ledger.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in read_ledger(ledger):
         if r.get("event") != "end":
             continue
         if r.get("status") in ("finished", "skipped"):
