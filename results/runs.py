@@ -27,7 +27,7 @@ STATUSES = ("finished", "failed", "interrupted", "running")
 # Top-level fields of results.json copied into the table (the rest stays in the file).
 FIELDS = ("status", "message", "run_id", "method_id", "task", "group", "backbone", "seed", "protocol", "recipe",
           "precision", "normalization", "epochs", "final_acc", "best_acc", "best_epoch", "train_split",
-          "eval_split", "trainable_params", "head_params")
+          "eval_split", "trainable_params", "head_params", "data_digest")
 NOT_VARIANT = ("seed", "task")  # identity keys that never define a variant (the repeats, the columns)
 
 
