@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import DEPTH_OVER_NE, LilyConfigError, MethodConfig
-from .layers import (Adapter, AdaptedLinear, BottleneckAdapter, HPBank, LilyAdapter, LoRAAdapter, LPBank,
-                     LPMixture, add_parallel_adapter, add_residual_adapter, make_router)
+from .errors import LilyConfigError
+from .layers import Adapter, AdaptedLinear, LilyAdapter, add_parallel_adapter, add_residual_adapter
+from .registry import MethodOptions, get_method, method_config
 
 
 @dataclass
@@ -97,8 +97,11 @@ def _wrap_linear(site: Site) -> AdaptedLinear:
     return module
 
 
-def _attach(site: Site, adapter: Adapter, residual: bool = False):
-    if residual:  # AdaptFormer: input before norm2, added to the block's output
+def attach(site: Site, adapter: Adapter, residual: bool = False):
+    """Attach one adapter at one site: beside a Linear's output slice, beside a sub-layer
+    (``parallel`` sites), or, with ``residual``, AdaptFormer's placement (input before norm2,
+    output added to the block's output)."""
+    if residual:
         add_residual_adapter(site.parent, site.kind, adapter)
     elif site.parallel:
         add_parallel_adapter(getattr(site.parent, site.attr), site.kind, adapter)
@@ -106,58 +109,28 @@ def _attach(site: Site, adapter: Adapter, residual: bool = False):
         _wrap_linear(site).add_adapter(site.kind, adapter, site.start, site.stop)
 
 
-def lp_stride(value, n_layers: int, ne: int) -> int:
-    """How many consecutive layers share one LP: ``k``; ``0`` -> all ``n_layers``;
-    ``"depth//ne"`` -> ``max(1, n_layers // ne)`` (the authors' ViT code)."""
-    if value == DEPTH_OVER_NE:
-        return max(1, n_layers // ne)
-    return value or n_layers
+def sites_by_kind(model: nn.Module, target: str) -> list[list[Site]]:
+    """The sites of ``target`` grouped by target kind (``delta`` -> delta_f, delta_b), in model order."""
+    sites = find_sites(model, target)
+    if not sites:
+        raise LilyConfigError(
+            f"target '{target}' matches nothing in {type(model).__name__} (ViT targets: q, k, v, ffn; "
+            "Vim targets: in_proj, delta; or the attribute name of nn.Linear layers)")
+    by_kind: dict[str, list[Site]] = {}
+    for s in sites:
+        by_kind.setdefault(s.kind, []).append(s)
+    return list(by_kind.values())
 
 
-def _build_lily(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
-    kind, group = sites[0].kind, sites[0].group
-    get = lambda key: cfg.get(key, kind, group)  # noqa: E731
-    d, ne, routing = get("rank"), get("ne"), get("routing")
-    stride = lp_stride(get("lp_stride"), len(sites), ne)
-    bias, shared_router = bool(get("bias")), bool(get("shared_router"))
-    if routing in ("static", "uniform") and shared_router:
-        raise LilyConfigError(f"target '{kind}': shared_router needs a data-dependent routing mode, not '{routing}'")
-    act = cfg.ffn_act if sites[0].parallel else "identity"
-    router = make_router(d, ne, routing, cfg.router_init) if shared_router else None
-    bank = HPBank(ne, d, sites[0].out_features, bias=bias, router=router)
-    na, din = get("lp_experts"), sites[0].in_features
-    if na:  # Lily v2: a model-wide LP bank mixed by an LP router per layer
-        if get("lp_stride") != 1:
-            raise LilyConfigError(
-                f"target '{kind}': lp_stride={get('lp_stride')!r} has no meaning with lp_experts={na} "
-                "(Lily v2 mixes one model-wide LP bank in every layer); leave lp_stride at 1 or set lp_experts=0")
-        lp_router = make_router(din, na, routing, cfg.router_init) if shared_router else None
-        lp_bank = LPBank(na, din, d, bias=bias, router=lp_router)
-    lps: list[nn.Module] = []
-    adapters = []
-    for layer, site in enumerate(sites):
-        if na:
-            lps.append(LPMixture(lp_bank, None if shared_router else make_router(din, na, routing, cfg.router_init),
-                                 routing))
-        elif layer % stride == 0:
-            lps.append(nn.Linear(site.in_features, d, bias=bias))
-        layer_router = None if shared_router else make_router(d, ne, routing, cfg.router_init)
-        adapters.append(LilyAdapter(lps[-1], bank, layer_router, routing, scale=get("scale"),
-                                    dropout=get("dropout"), act=act))
-    return adapters
+def attach_per_kind(model: nn.Module, targets, build, residual: bool = False) -> None:
+    """For every target and target kind: ``build(sites) -> adapters`` (one per site), attached."""
+    for target in targets:
+        for kind_sites in sites_by_kind(model, target):
+            for site, adapter in zip(kind_sites, build(kind_sites)):
+                attach(site, adapter, residual=residual)
 
 
-def _build_baseline(cfg: MethodConfig, sites: list[Site]) -> list[Adapter]:
-    kind, group = sites[0].kind, sites[0].group
-    get = lambda key: cfg.get(key, kind, group)  # noqa: E731
-    if cfg.name == "lora":
-        return [LoRAAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
-                            bool(get("bias"))) for s in sites]
-    return [BottleneckAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
-                              bool(get("bias")), act=cfg.ffn_act) for s in sites]
-
-
-def _head_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parameter]:
+def _head_parameters(model: nn.Module, cfg: MethodOptions) -> dict[str, nn.Parameter]:
     params = {}
     for name in cfg.head:
         try:
@@ -169,34 +142,25 @@ def _head_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parame
     return params
 
 
-def adapt(model: nn.Module, cfg: MethodConfig | dict) -> nn.Module:
-    """Apply a method in place: freeze the backbone, attach adapters, keep the head trainable.
+def adapt(model: nn.Module, cfg: MethodOptions | dict) -> nn.Module:
+    """Apply a method in place: freeze the backbone, attach the method, keep the head trainable.
 
-    ``full`` trains everything; ``linear`` only the head; ``lily``, ``lora`` and
-    ``adaptformer`` train their adapters and the head. Returns the model.
+    ``cfg``: the method's options (``lily.MethodConfig(name=..., ...)``) or a mapping with a
+    ``name`` (a Hydra ``cfg.method``). Every registered method (``lily.registered()``) works
+    here; new modules are placed on the model's device. Returns the model.
     """
-    cfg = cfg if isinstance(cfg, MethodConfig) else MethodConfig.from_dict(cfg)
+    cfg = method_config(cfg)
     if getattr(model, "lily_config", None) is not None:
         raise LilyConfigError("this model is already adapted; build a fresh model to apply another method")
+    method = get_method(cfg.name)
     head = _head_parameters(model, cfg)
-    for p in model.parameters():
-        p.requires_grad_(cfg.name == "full")
-    if cfg.name == "adaptformer" and set(cfg.targets) != {"ffn"}:
-        raise LilyConfigError(f"adaptformer is a parallel adapter on the MLP: targets must be ['ffn'], got {cfg.targets}")
-    for target in cfg.targets if cfg.name in ("lily", "lora", "adaptformer") else []:
-        sites = find_sites(model, target)
-        if not sites:
-            raise LilyConfigError(
-                f"target '{target}' matches nothing in {type(model).__name__} (ViT targets: q, k, v, ffn; "
-                "Vim targets: in_proj, delta; or the attribute name of nn.Linear layers)")
-        by_kind: dict[str, list[Site]] = {}
-        for s in sites:
-            by_kind.setdefault(s.kind, []).append(s)
-        for kind_sites in by_kind.values():
-            build = _build_lily if cfg.name == "lily" else _build_baseline
-            for site, adapter in zip(kind_sites, build(cfg, kind_sites)):
-                adapter.to(device=next(model.parameters()).device)
-                _attach(site, adapter, residual=cfg.name == "adaptformer")
+    params = list(model.parameters())
+    device = params[0].device if params else None
+    for p in params:
+        p.requires_grad_(False)
+    method.apply(model, cfg)
+    if device is not None:
+        model.to(device)    # only the method's new modules move; the backbone is already there
     for p in head.values():
         p.requires_grad_(True)
     model.lily_config = cfg

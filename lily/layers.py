@@ -32,13 +32,10 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from .config import LilyConfigError
+from .errors import LilyConfigError, MergeError
+from .merging import Mergeable
 
 _ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
-
-
-class MergeError(RuntimeError):
-    """The adapter cannot be folded into the frozen weight (its output depends on the data)."""
 
 
 class Adapter(nn.Module):
@@ -50,6 +47,15 @@ class Adapter(nn.Module):
     def delta_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The equivalent ``(out, in)`` weight change and ``(out,)`` bias change (or None)."""
         raise MergeError(f"{type(self).__name__} cannot be merged")
+
+    def merged_slice(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The merged ``(weight, bias)`` of the frozen slice this adapter adds to (bias None when the
+        Linear has none). Additive adapters use :meth:`delta_weight`; others (DoRA) override this."""
+        dw, db = self.delta_weight()
+        if db is not None and bias is None:
+            raise MergeError(f"{type(self).__name__} has a bias change that cannot be merged into a Linear "
+                             "without bias (the frozen layer has no bias to fold it into)")
+        return weight + dw.to(weight.dtype), (bias if db is None else bias + db.to(bias.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ class LilyAdapter(Adapter):
 
 
 # ---------------------------------------------------------------------------------------
-# Baselines
+# Shared by the LoRA-style baselines
 # ---------------------------------------------------------------------------------------
 def _down_up(in_features: int, rank: int, out_features: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
     """A kaiming-uniform down projection and a zero-initialised up projection (zero output at init)."""
@@ -299,51 +305,10 @@ def _down_up(in_features: int, rank: int, out_features: int, bias: bool) -> tupl
     return down, up
 
 
-class LoRAAdapter(Adapter):
-    """LoRA: ``s * B(dropout(A(x)))`` with A kaiming-uniform and B zero-initialised.
-
-    Dropout acts on the rank-r hidden (after the down projection), as in the LoRA baseline
-    of the Lily authors' code; in eval mode it is the identity, so merging is unaffected.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0,
-                 dropout: float = 0.0, bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
-        self.lora_a, self.lora_b = _down_up(in_features, rank, out_features, bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x):
-        return self.scale * self.lora_b(self.dropout(self.lora_a(x)))
-
-    def delta_weight(self):
-        dw = self.scale * self.lora_b.weight @ self.lora_a.weight
-        db = None
-        if self.lora_a.bias is not None:
-            db = self.scale * (self.lora_b.weight @ self.lora_a.bias + self.lora_b.bias)
-        return dw, db
-
-
-class BottleneckAdapter(Adapter):
-    """AdaptFormer's bottleneck: ``s * up(dropout(act(down(x))))`` (activation, then dropout),
-    up zero-initialised. Attached by :func:`add_residual_adapter` (AdaptFormer's placement)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 0.1,
-                 dropout: float = 0.0, bias: bool = False, act: str = "relu"):
-        super().__init__()
-        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
-        self.down, self.up = _down_up(in_features, rank, out_features, bias)
-        self.act = _ACTS[act]()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x):
-        return self.scale * self.up(self.dropout(self.act(self.down(x))))
-
-
 # ---------------------------------------------------------------------------------------
 # Wrappers
 # ---------------------------------------------------------------------------------------
-class AdaptedLinear(nn.Linear):
+class AdaptedLinear(Mergeable, nn.Linear):
     """A frozen ``nn.Linear`` plus adapters on column slices of its output.
 
     It holds the *same* weight and bias Parameters as the layer it replaces, so the
@@ -381,39 +346,24 @@ class AdaptedLinear(nn.Linear):
             y.narrow(-1, start, stop - start).add_(adapter(x))
         return y
 
-    # -- merge ----------------------------------------------------------------------------
-    def _deltas(self):
-        return {n: (self.slices[n], *a.delta_weight()) for n, a in self.adapters.items()}
-
-    @torch.no_grad()
-    def merge(self):
-        if self.merged:
-            return
-        deltas = self._deltas()  # raises MergeError before anything is changed
-        merged_bias = torch.zeros(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
-        has_bias = False
-        for (start, stop), dw, db in deltas.values():
-            self.weight[start:stop] += dw.to(self.weight.dtype)
-            if db is not None:
-                merged_bias[start:stop] += db.to(self.weight.dtype)
-                has_bias = True
-        self._merged_bias = merged_bias if has_bias else None
-        if has_bias:
-            if self.bias is None:
-                raise MergeError("a bias change cannot be merged into a Linear without bias")
-            self.bias += self._merged_bias
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            return
-        for (start, stop), dw, db in self._deltas().values():
-            self.weight[start:stop] -= dw.to(self.weight.dtype)
-        if self._merged_bias is not None:
-            self.bias -= self._merged_bias
-        self._merged_bias = None
-        self.merged = False
+    # -- merge (lily.merging.safe_merge) ------------------------------------------------
+    def merge_plan(self):
+        """The merged weight and bias; raises MergeError before anything is changed."""
+        weight = self.weight.detach().clone()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        bias_changed = False
+        for name, adapter in self.adapters.items():
+            start, stop = self.slices[name]
+            b = None if bias is None else bias[start:stop]
+            w_new, b_new = adapter.merged_slice(weight[start:stop], b)
+            weight[start:stop] = w_new
+            if b_new is not None and b_new is not b:
+                bias[start:stop] = b_new
+                bias_changed = True
+        plan = [(self.weight, weight)]
+        if bias_changed:
+            plan.append((self.bias, bias))
+        return plan
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from .attach import _head_parameters, adapt, lily_adapters
-from .config import LilyConfigError, MethodConfig
-from .layers import AdaptedLinear, LPMixture, MergeError
+from .errors import LilyConfigError
+from .layers import LPMixture
+from .registry import MethodOptions, get_method, method_config
 
 FORMAT = "lily-trainable-v1"
 
 
-def _config(model: nn.Module) -> MethodConfig:
+def _config(model: nn.Module) -> MethodOptions:
     cfg = getattr(model, "lily_config", None)
     if cfg is None:
         raise LilyConfigError("the model has not been adapted (call lily.adapt(model, cfg) first)")
@@ -94,7 +95,7 @@ def read_trainable(path: str | os.PathLike) -> dict:
 def load_trainable(model: nn.Module, path_or_payload, strict: bool = True) -> nn.Module:
     """Load a trainable state; adapts ``model`` with the stored method first if it is not adapted."""
     payload = path_or_payload if isinstance(path_or_payload, dict) else read_trainable(path_or_payload)
-    stored = MethodConfig.from_dict(payload["method"])
+    stored = method_config(payload["method"])
     if getattr(model, "lily_config", None) is None:
         adapt(model, stored)
     elif model.lily_config.to_dict() != stored.to_dict():
@@ -112,30 +113,20 @@ def load_trainable(model: nn.Module, path_or_payload, strict: bool = True) -> nn
     return model
 
 
-def _linears(model: nn.Module) -> list[AdaptedLinear]:
-    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
-
-
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into the frozen weights (static/uniform Lily, LoRA).
+    """Fold the method into the frozen weights (outputs unchanged up to float rounding).
 
-    Raises :class:`MergeError` (and changes nothing) when any adapter cannot merge:
-    data-dependent routing, a parallel adapter with a non-linear hidden layer.
+    Dispatches to the method (``lily.registered()[name].merge``). Raises :class:`MergeError`
+    and changes nothing when the method, or any of its adapters, cannot merge (data-dependent
+    routing, a non-linear hidden layer, extra tokens...). ``full`` and ``linear`` merge trivially.
     """
     cfg = _config(model)
-    if cfg.name in ("full", "linear"):
-        return model
-    parallel = [n for n, m in model.named_modules() if hasattr(m, "adapters") and not isinstance(m, AdaptedLinear)]
-    if parallel:
-        raise MergeError(f"parallel adapters with a non-linear hidden layer cannot be merged ({parallel[0]}, ...)")
-    for lin in _linears(model):
-        lin._deltas()  # check every layer first so that a failure leaves the model untouched
-    for lin in _linears(model):
-        lin.merge()
+    get_method(cfg.name).merge(model, cfg)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for lin in _linears(model):
-        lin.unmerge()
+    """Undo :func:`merge`: the frozen weights are restored bit for bit."""
+    cfg = _config(model)
+    get_method(cfg.name).unmerge(model, cfg)
     return model

@@ -43,9 +43,9 @@ METHODS = {
 }
 
 
-def method_config(backbone: str, method: str) -> lily.MethodConfig:
+def method_config(backbone: str, method: str) -> lily.MethodOptions:
     try:
-        return lily.MethodConfig.from_dict(METHODS[backbone][method])
+        return lily.method_config(METHODS[backbone][method])
     except KeyError:
         raise SystemExit(f"unknown method '{method}' for {backbone}; known: {', '.join(METHODS[backbone])}") from None
 

@@ -1,0 +1,6 @@
+"""The built-in methods, one module each; importing this package registers them.
+
+A new method is one module here (options dataclass + ``@register``'d Method), one import line
+below, its Hydra config under ``configs/method/`` and its tests. Nothing else changes.
+"""
+from . import adaptformer, full, lily, lora  # noqa: F401
