@@ -28,6 +28,12 @@ Rules (one place, used by the tables, the figures and scripts/clean_protocol.py)
 - Params(M): trainable parameters without the head, mean over the selected configurations.
 - One table per (backbone, protocol, recipe, precision, normalisation, epochs, evaluation
   interval): a table never mixes them, and its caption names them.
+- Data: a cell whose runs recorded different ``data_digest`` values (different copies of the
+  task), or some recorded one and some none, is marked ``‡`` with a footnote naming the
+  digests and seeds; a task whose rows read different copies gets a footnote too.
+- ``--baseline ROW [--level 0.05]``: cells whose difference from that row is not significant
+  at the level, by the paired test of results/paired.py on the runs' saved predictions, are
+  marked ``†`` (cells that cannot be tested are named in a footnote, never marked).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.errors import UserError
 from data.registry import GROUPS, TASKS, VTAB_TASKS
 from results.labels import Label, latex_escape, method_label, unique_labels
 from results.runs import assign_variants, load_runs, not_used, searched_keys, status_summary, under, where
@@ -54,6 +61,8 @@ DISPLAY = {"cifar": "Cifar100", "caltech101": "Caltech101", "dtd": "DTD", "oxfor
            "smallnorb_ele": "sNORB-Ele", "digits": "Digits (demo)"}
 VTAB_AVG, TASK_MEAN = "VTAB avg (mean of group means)", "mean over tasks"
 MISSING = "–"
+DATA_MARK = "‡"        # the runs of a cell read different copies of the task (or some did not record theirs)
+NOT_SIG_MARK = "†"     # not significantly different from the named baseline (mark_significance)
 
 
 # -- selection ------------------------------------------------------------------------------
@@ -75,9 +84,16 @@ def grid_points(df: pd.DataFrame, metric: str) -> pd.DataFrame:
                      "mean": acc.mean(), "std": acc.std(ddof=1) if len(acc) > 1 else math.nan, "n": len(acc),
                      "seeds": tuple(sorted(g["seed"].tolist())),
                      "params": g["trainable_params"].astype(float).mean(),
-                     "run_dirs": tuple(g.sort_values("seed")["run_dir"]), "metric": metric})
+                     "run_dirs": tuple(g.sort_values("seed")["run_dir"]), "metric": metric,
+                     "digests": tuple(_digest(v) for v in g.sort_values("seed")["data_digest"])
+                     if "data_digest" in g.columns else (None,) * len(g)})
     return pd.DataFrame(rows, columns=["variant", "family", "task", "grid", "mean", "std", "n", "seeds", "params",
-                                       "run_dirs", "metric"])
+                                       "run_dirs", "metric", "digests"])
+
+
+def _digest(v):
+    """A run's data_digest, None when it did not record one (older runs)."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
 def _best(points: pd.DataFrame) -> pd.Series:
@@ -148,6 +164,7 @@ class Row:
     cells: dict                     # task -> selected grid point (a Series)
     summary: dict = field(default_factory=dict)   # column -> (value, incomplete?, note)
     params: float = math.nan
+    method_id: str | None = None
 
 
 @dataclass
@@ -189,7 +206,9 @@ class Table:
                                  "seeds": " ".join(map(str, c["seeds"])),
                                  "grid": json.dumps(dict(c["grid"]), default=str), "n_grid": c["n_grid"],
                                  "selected_by": c["selected_by"], "params": c["params"],
-                                 "run_dirs": ";".join(c["run_dirs"])})
+                                 "run_dirs": ";".join(c["run_dirs"]), "marks": c.get("marks") or "",
+                                 "p_vs_baseline": c.get("p_vs_baseline"),
+                                 "data_digests": ";".join(d or "" for d in (c.get("digests") or ()))})
         return pd.DataFrame(recs)
 
 
@@ -279,7 +298,7 @@ def build_tables(runs: pd.DataFrame, protocol: str, search=()) -> list[Table]:
         rows, footnotes = [], []
         for v in sorted(vids, key=lambda v: labels[v].sort_key()):
             cells = {r["task"]: r for _, r in part[part["variant"] == v].iterrows()}
-            row = Row(v, labels[v], cells)
+            row = Row(v, labels[v], cells, method_id=first.at[v, "method_id"])
             params = [c["params"] for c in cells.values() if not math.isnan(c["params"])]
             row.params = sum(params) / len(params) / 1e6 if params else math.nan
             notes = _summaries(row, kind, tasks)
@@ -288,7 +307,13 @@ def build_tables(runs: pd.DataFrame, protocol: str, search=()) -> list[Table]:
             for t, c in cells.items():
                 if math.isnan(c["mean"]):
                     footnotes.append(f"? {labels[v].text}, {t}: {c['selected_by']}.")
+                c["marks"] = ""
+                note = _digest_note(c)
+                if note:
+                    c["marks"] += DATA_MARK
+                    footnotes.append(f"{DATA_MARK} {labels[v].text}, {t}: {note}.")
             rows.append(row)
+        footnotes += _column_digest_notes(rows, tasks)
         ns = part["n"].tolist()
         n_common = max(set(ns), key=ns.count)
         runs_used = this[this["variant"].isin(vids) & this["task"].isin(tasks)]
@@ -311,6 +336,103 @@ def build_tables(runs: pd.DataFrame, protocol: str, search=()) -> list[Table]:
     return tables
 
 
+# -- the data a cell saw, and significance against a baseline --------------------------------
+def _digest_note(c) -> str | None:
+    """Why a cell's runs may not have read the same data (None when they did, or none recorded it)."""
+    dg = list(c.get("digests") or ())
+    known = sorted({d for d in dg if d})
+    seeds = list(c["seeds"])
+    if len(known) > 1:
+        by = {d: [s for s, x in zip(seeds, dg) if x == d] for d in known}
+        return ("its runs read different copies of the task: " +
+                "; ".join(f"data_digest {d[:12]} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})"
+                          for d, v in by.items()))
+    if known and None in dg:
+        unknown = [s for s, x in zip(seeds, dg) if x is None]
+        return (f"seed{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} recorded no data_digest, "
+                f"the others {known[0][:12]}: not known to have read the same data")
+    return None
+
+
+def _column_digest_notes(rows: list, tasks: list) -> list:
+    """A footnote per task whose rows (variants) read different copies of the task."""
+    notes = []
+    for t in tasks:
+        seen = {}
+        for r in rows:
+            c = r.cells.get(t)
+            for d in (c.get("digests") or ()) if c is not None else ():
+                if d:
+                    seen.setdefault(d, []).append(r.label.text)
+        if len(seen) > 1:
+            notes.append(f"{DATA_MARK} {DISPLAY.get(t, t)}: the rows read different copies of the task (" +
+                         "; ".join(f"data_digest {d[:12]}: {', '.join(dict.fromkeys(v))}" for d, v in seen.items())
+                         + ").")
+    return notes
+
+
+def _baseline_row(t: Table, baseline: str) -> list:
+    return [r for r in t.rows if baseline in (r.variant, r.label.text, r.method_id)]
+
+
+def mark_significance(tables: list, baseline: str, level: float = 0.05) -> list:
+    """Mark (with NOT_SIG_MARK) every cell whose difference from the ``baseline`` row of its table is
+    not significant at ``level``, and say so in a footnote.
+
+    ``baseline`` names a row by its variant id, its label or its method config name. The test is the
+    paired one of results/paired.py on the runs' saved predictions (those of the evaluation the cell
+    reports: ``selected`` for best-of accuracies, ``final`` otherwise), runs paired by seed: exact
+    McNemar for one seed, the exact image-level sign test over seeds. A cell that cannot be tested
+    (no predictions, no common seed, different images) is named in a footnote and not marked.
+    Returns the tables (changed in place). A UserError when no table holds the baseline.
+    """
+    from results import paired
+    if not 0 < level < 1:
+        raise UserError(f"--level must lie in (0, 1), got {level}")
+    found = False
+    for t in tables:
+        base = _baseline_row(t, baseline)
+        if len(base) > 1:
+            t.footnotes.append(f"{NOT_SIG_MARK} baseline '{baseline}' names {len(base)} rows of this table "
+                               f"({', '.join(r.label.text for r in base)}): not tested; name one by its variant id.")
+            found = True
+            continue
+        if not base:
+            continue
+        found, base = True, base[0]
+        untested = []
+        for r in t.rows:
+            if r is base:
+                continue
+            for task in t.tasks:
+                c, b = r.cells.get(task), base.cells.get(task)
+                if c is None or b is None or math.isnan(c["mean"]) or math.isnan(b["mean"]):
+                    continue
+                which = "selected" if c["metric"] == "best_acc" else "final"
+                ca, cb = dict(zip(c["seeds"], c["run_dirs"])), dict(zip(b["seeds"], b["run_dirs"]))
+                common = sorted(set(ca) & set(cb))
+                try:
+                    if not common:
+                        raise UserError(f"no seed in common with the baseline (seeds {sorted(ca)} vs {sorted(cb)})")
+                    pairs = [((s, paired.load_predictions(ca[s], which)), (s, paired.load_predictions(cb[s], which)))
+                             for s in common]
+                    comp = paired.compare(pairs, task=task, level=level, n_boot=0, names=(r.label.text, baseline))
+                except UserError as e:
+                    untested.append(f"{r.label.text}, {DISPLAY.get(task, task)}: {e}")
+                    continue
+                c["p_vs_baseline"] = comp.combined["p"]
+                if not comp.significant(level):
+                    c["marks"] = (c.get("marks") or "") + NOT_SIG_MARK
+        t.footnotes.append(f"{NOT_SIG_MARK} not significantly different from {base.label.text} at level {level:g} "
+                           "(paired test on the saved per-image predictions, runs paired by seed: exact McNemar for "
+                           "one seed, exact image-level sign test over seeds; results/paired.py).")
+        t.footnotes += [f"{NOT_SIG_MARK} not tested: {u}" for u in untested]
+    if not found:
+        raise UserError(f"baseline '{baseline}' is no row of any table (name a row by its label, its method config "
+                        f"name or its variant id; rows: {', '.join(r.label.text for t in tables for r in t.rows)})")
+    return tables
+
+
 # -- formatting -----------------------------------------------------------------------------
 def fmt_cell(c, decimals: int, n_common: int, pm: str = " ± ") -> str:
     if c is None:
@@ -322,7 +444,7 @@ def fmt_cell(c, decimals: int, n_common: int, pm: str = " ± ") -> str:
         s += f"{pm}{c['std']:.{decimals}f}"
     if c["n"] != n_common:
         s += f" (n={c['n']})"
-    return s
+    return s + (c.get("marks") or "")
 
 
 def fmt_summary(row: Row, col: str, decimals: int) -> str:
@@ -407,6 +529,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
                     help="only runs whose identity has one of these values (repeatable), e.g. method.ne.in_proj=3,6")
     ap.add_argument("--decimals", type=int, default=1)
+    ap.add_argument("--baseline", default=None, metavar="ROW",
+                    help="mark (with a dagger) cells not significantly different from this row (its label, method "
+                         "config name or variant id), by a paired test on the runs' saved predictions")
+    ap.add_argument("--level", type=float, default=0.05, help="significance level for --baseline")
     args = ap.parse_args(argv)
     if not args.runs.is_dir():
         sys.exit(f"error: {args.runs} is not a folder (pass --runs <output_dir>/runs)")
@@ -427,6 +553,11 @@ def main(argv=None) -> dict:
         if not tables:
             print(f"no finished run of protocol {p} under {args.runs}")
             continue
+        if args.baseline:
+            try:
+                mark_significance(tables, args.baseline, args.level)
+            except UserError as e:
+                sys.exit(f"error: {e}")
         paths = write(tables, p, out, status, args.decimals)
         print("\n".join(to_markdown(t, args.decimals) for t in tables))
         print(f"wrote {', '.join(map(str, paths))}\n")

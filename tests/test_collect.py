@@ -221,3 +221,73 @@ def test_where_picks_one_search_space_of_several_sharing_runs(tmp_path):
         assert [r.label.text for r in t.rows] == [label] and t.rows[0].cells["dtd"]["mean"] == acc
     with pytest.raises(ValueError, match="key=value"):
         where(runs, ["method.ne"])
+
+
+# -- the data a cell saw; significance against a baseline (issue 17 items 3 and 5) ---------------
+def _with_digest(d, digest):
+    r = json.loads((d / "results.json").read_text())
+    r["data_digest"] = digest
+    (d / "results.json").write_text(json.dumps(r))
+
+
+def test_a_cell_of_runs_on_different_data_copies_says_so(tmp_path):
+    r = tmp_path / "runs"
+    for seed, dg in ((42, "aaaa1111"), (43, "bbbb2222")):          # dtd: two copies in one cell
+        _with_digest(write_run(r, "dtd", seed=seed, best=70.0), dg)
+    for seed, dg in ((42, "cccc"), (43, None)):                      # caltech101: one seed recorded none
+        _with_digest(write_run(r, "caltech101", seed=seed, best=80.0), dg)
+    for seed in (42, 43):                                            # eurosat: older runs, nothing recorded
+        write_run(r, "eurosat", seed=seed, best=90.0)
+    (t,) = build_tables(load_runs(r), "paper")
+    md = to_markdown(t)
+    row = next(line for line in md.splitlines() if line.startswith("| Lily"))
+    cells = row.split(" | ")
+    assert "70.0 ± 0.0‡" in cells and "80.0 ± 0.0‡" in cells and "90.0 ± 0.0" in cells
+    assert "dtd: its runs read different copies of the task: data_digest aaaa1111 (seed 42); data_digest bbbb2222 " \
+           "(seed 43)" in md
+    assert "caltech101: seed 43 recorded no data_digest, the others cccc" in md
+    assert "eurosat" not in " ".join(f for f in t.footnotes)
+
+
+def _preds_npz(d, pred, label):
+    import numpy as np
+    n = len(label)
+    arrays = {"pred": np.asarray(pred, np.int32), "label": np.asarray(label, np.int32),
+              "topk_index": np.asarray(pred, np.int32)[:, None], "topk_logit": np.zeros((n, 1), np.float16),
+              "files": np.array([f"img{i:03d}.png" for i in range(n)]), "epoch": np.array(100),
+              "split": np.array("test"), "accuracy": np.array(100.0 * float(np.mean(np.asarray(pred) == label)))}
+    for which in ("final", "selected"):
+        np.savez(d / f"predictions-{which}.npz", **arrays)
+
+
+def test_baseline_marks_the_cells_not_significantly_different(tmp_path):
+    import numpy as np
+    r = tmp_path / "runs"
+    label = np.arange(60) % 10
+    wrong = (label + 1) % 10
+    for seed in (42, 43):
+        base = label.copy()
+        base[:20] = wrong[:20]                                   # baseline wrong on 20 images
+        close = base.copy()
+        close[0] = label[0]                                      # one image better: p = 1
+        for method_id, pred, extra in (("linear", base, {"linear": True}), ("close", close, {"close": True}),
+                                       ("good", label, {})):
+            acc = 100.0 * float(np.mean(pred == label))
+            d = write_run(r, "dtd", method_id=method_id, seed=seed, best=acc, **extra)
+            _preds_npz(d, pred, label)
+    # a method without predictions (older run): named, not marked
+    for seed in (42, 43):
+        write_run(r, "dtd", method_id="old", seed=seed, best=50.0, old=True)
+    (t,) = build_tables(load_runs(r), "paper")
+    from results.tables import mark_significance
+    mark_significance([t], "linear", level=0.05)
+    marks = {row.method_id: row.cells["dtd"].get("marks") for row in t.rows}
+    # good: 20 images favour it in both seeds -> sign test p = 2 / 2^20; close: 1 image -> p = 1
+    assert marks == {"linear": "", "close": "†", "good": "", "old": ""}
+    p = {row.method_id: row.cells["dtd"].get("p_vs_baseline") for row in t.rows}
+    assert p["good"] == pytest.approx(2 / 2 ** 20) and p["close"] == pytest.approx(1.0)
+    md = to_markdown(t)
+    assert "† not significantly different from" in md and "at level 0.05" in md
+    assert "not tested:" in md and "predictions-selected.npz" in md
+    with pytest.raises(Exception, match="baseline 'nothing' is no row"):
+        mark_significance([t], "nothing")
