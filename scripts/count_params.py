@@ -32,7 +32,8 @@ def count(cfg: DictConfig) -> int:
     mcfg = model.lily_config
     n = lily.count_parameters(model)
     total = lily.count_parameters(model, trainable_only=False, exclude_head=False)
-    print(f"backbone={cfg.backbone.name} method={mcfg.name} targets={mcfg.targets} rank={mcfg.rank} ne={mcfg.ne}")
+    options = {k: v for k, v in mcfg.to_dict().items() if k not in ("name", "head")}
+    print(f"backbone={cfg.backbone.name} method={mcfg.name} " + " ".join(f"{k}={v}" for k, v in options.items()))
     print(f"Params(M)={n / 1e6:.3f}  (head: {lily.head_parameters(model):,} more; model total {total:,})")
     print(f"trainable_params_excluding_head={n}")
     return n
