@@ -25,7 +25,8 @@ def main(cfg: DictConfig):
     return run_cli(evaluate_run, cfg)["acc"]
 
 
-USAGE = "usage: python eval.py <run_dir> [split=test|val200|...] [merge=true] [device=...] [precision=fp32|bf16]"
+USAGE = ("usage: python eval.py <run_dir> [split=test|val200|...] [merge=true] [device=...] [precision=fp32|bf16] "
+         "[require_finished=true]")
 
 
 def _check_run_dir(argv: list[str]) -> None:
@@ -34,12 +35,18 @@ def _check_run_dir(argv: list[str]) -> None:
     given += [a for a in argv if not a.startswith("-") and "=" not in a]
     if not given:
         sys.exit(f"error: no run directory given.\n{USAGE}\n(run directories are under outputs/runs/<task>/<backbone>/<method>/)")
+    from common.errors import UserError
+    from engine.run import RunDir, check_output_dir
     for d in given:
         d = d.strip("'\"")
         if not os.path.isdir(d):
             sys.exit(f"error: run directory '{d}' not found.\n{USAGE}")
-        if not os.path.isfile(os.path.join(d, "checkpoint.pt")):
-            sys.exit(f"error: '{d}' holds no checkpoint.pt: not a run directory written by train.py (or it never "
+        try:
+            check_output_dir(d)  # eval.py writes its results next to the checkpoint
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        if not RunDir(d).has_checkpoint():
+            sys.exit(f"error: '{d}' holds no checkpoint: not a run directory written by train.py (or it never "
                      f"finished an epoch).\n{USAGE}")
 
 

@@ -18,12 +18,8 @@ from engine.cli import record_swept_keys, run_cli
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
     from engine.job import run_job
-    try:
-        from engine.sweep import configure_threads
-    except ImportError:  # pragma: no cover
-        configure_threads = None
-    if configure_threads is not None:
-        configure_threads(cfg)
+    from engine.sweep import configure_threads, preemption_requested
+    configure_threads(cfg)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     searched = [k for k in hc.sweeper.get("params", None) or {}]
@@ -31,7 +27,8 @@ def main(cfg: DictConfig):
         searched += os.environ.get("LILY_SWEPT_KEYS", "").split(",")
     searched = sorted({k for k in searched if k and k not in ("task", "method", "backbone", "seed", "experiment",
                                                              "recipe", "protocol")})
-    return run_cli(run_job, cfg, hc.runtime.output_dir, hc.runtime.choices.get("method"), searched, multirun)
+    return run_cli(run_job, cfg, hc.runtime.output_dir, hc.runtime.choices.get("method"), searched, multirun,
+                   should_stop=preemption_requested)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,38 @@ def record_swept_keys(argv: list[str]) -> None:
     os.environ["LILY_SWEPT_KEYS"] = ",".join(keys)
 
 
+def fail(message) -> None:
+    """Print one clear message and exit 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object
+
+
+class OutputGuard(Callback):
+    """Hydra callback (configs/hydra/default.yaml): before Hydra creates a run's folder, an output
+    path that is a file or is not writable is one clear message and exit 2, not Hydra's traceback."""
+
+    @staticmethod
+    def _check(config) -> None:
+        from common.errors import UserError
+        from engine.run import check_output_dir
+        try:
+            check_output_dir(config.paths.output_dir)
+        except UserError as e:
+            fail(e)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+
 def run_cli(fn, *args, **kwargs):
     """Call fn; errors a user can cause print one clear message and exit 2 without a traceback."""
     import lily
@@ -42,5 +74,4 @@ def run_cli(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (UserError, lily.LilyConfigError, lily.MergeError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(e)

@@ -10,8 +10,7 @@ import logging
 import numbers
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data import SPLITS, ensure_digits, get_task
 from data.folder import INTERPOLATIONS, read_list, task_dir
@@ -73,7 +72,7 @@ def check_numbers(cfg: DictConfig) -> list[str]:
 
 def check_method(cfg: DictConfig) -> list[str]:
     """The method config is valid, names only its own targets, and fits the backbone (meta device)."""
-    from engine.setup import apply_method, method_config
+    from engine.setup import method_config
     try:
         mcfg = method_config(cfg.method)
     except UserError as e:
@@ -89,19 +88,11 @@ def check_method(cfg: DictConfig) -> list[str]:
                          f"(targets: {sorted(targets)}); remove them or add the targets")
     if p:
         return p
-    from models import build_backbone
-    arch = OmegaConf.to_container(cfg.backbone, resolve=True)
-    arch.update(pretrained=False, checkpoint=None)
-    quiet = logging.getLogger("models")
-    level, quiet.level = quiet.level, logging.WARNING  # the meta build is not the run's backbone: no "weights" log line
+    from engine.setup import build_model
     try:
-        with torch.device("meta"):
-            model, _ = build_backbone(OmegaConf.create(arch), get_task(cfg.task.name).num_classes)
-            apply_method(model, cfg)
+        build_model(cfg, get_task(cfg.task.name).num_classes, "meta")
     except UserError as e:
         p.append(str(e))
-    finally:
-        quiet.level = level
     return p
 
 
@@ -137,10 +128,7 @@ def check_weights(cfg: DictConfig) -> list[str]:
 
 def preflight(cfg: DictConfig, data: bool = True) -> None:
     """Raise one UserError listing every problem found, or return."""
-    try:
-        get_task(cfg.task.name)
-    except UserError as e:
-        raise UserError(str(e)) from None
+    get_task(cfg.task.name)  # an unknown task: its own message (every other check needs the task)
     problems = check_numbers(cfg) + check_method(cfg) + (check_data(cfg) if data else []) + check_weights(cfg)
     if problems:
         if len(problems) == 1:

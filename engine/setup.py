@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import lily
 from data import SplitData, ensure_digits, get_task, load_split
+from data.folder import read_list, task_dir
+from data.registry import Task
 from common.errors import UserError
 from models import build_backbone
 
@@ -32,8 +34,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_task_split(cfg: DictConfig, split: str) -> SplitData:
-    task = get_task(cfg.task.name)
+def load_task_split(cfg: DictConfig, split: str, task: Task | None = None) -> SplitData:
+    task = task or get_task(cfg.task.name)
     root = Path(cfg.paths.data_root)
     if task.name == "digits":
         ensure_digits(root)
@@ -41,15 +43,44 @@ def load_task_split(cfg: DictConfig, split: str) -> SplitData:
                       interpolation=cfg.interpolation, num_workers=cfg.num_workers, progress=cfg.progress)
 
 
-def method_config(cfg_method) -> lily.MethodConfig:
+def split_files(cfg: DictConfig, split: str, task: Task) -> list[str]:
+    """The image paths of ``<split>.txt`` as written in the list file, in its order."""
+    _, raw, _ = read_list(task_dir(Path(cfg.paths.data_root), task), task, split)
+    return [line.split()[0] for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def data_digest(cfg: DictConfig, task: Task) -> str | None:
+    """The digest of the task copy a run reads (data/manifest.py), or None where it cannot be had."""
     try:
-        return lily.MethodConfig.from_dict(OmegaConf.to_container(cfg_method, resolve=True))
+        from data.manifest import task_digest
+    except ImportError:  # the data doctor is not there yet
+        return None
+    return task_digest(task_dir(Path(cfg.paths.data_root), task))
+
+
+def method_config(cfg_method) -> lily.MethodOptions:
+    try:
+        return lily.method_config(OmegaConf.to_container(cfg_method, resolve=True))
     except lily.LilyConfigError as e:
         raise UserError(f"method config: {e}") from None
 
 
-def build_model(cfg: DictConfig, num_classes: int, device: torch.device):
-    """Backbone with pretrained weights, adapted by the method; returns (model, info)."""
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device | str):
+    """Backbone with pretrained weights, adapted by the method; returns (model, info).
+
+    The one builder of a run's model. ``device="meta"`` builds the same architecture without
+    weights and without memory (preflight's method-on-backbone check)."""
+    if str(device) == "meta":
+        arch = OmegaConf.to_container(cfg.backbone, resolve=True)
+        arch.update(pretrained=False, checkpoint=None)
+        quiet = logging.getLogger("models")
+        level, quiet.level = quiet.level, logging.WARNING  # not the run's backbone: no "weights" log line
+        try:
+            with torch.device("meta"):
+                model, info = build_backbone(OmegaConf.create(arch), num_classes)
+                return apply_method(model, cfg), info
+        finally:
+            quiet.level = level
     model, info = build_backbone(cfg.backbone, num_classes)
     return apply_method(model, cfg).to(device), info
 

@@ -242,7 +242,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, 
 # ---------------------------------------------------------------------------------------
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normalization: str, precision: str,
-             progress_desc: str | None = None) -> dict:
+             progress_desc: str | None = None, predictions: bool = False, topk: int = 5) -> dict:
     """Top-1 accuracy over ``data`` in its stored order, batches of ``batch_size`` (the last
     one smaller), under ``torch.inference_mode`` and :func:`precision_context`.
 
@@ -251,6 +251,9 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
     for every key ``lily.expert_weights(model)`` returns (q, k, v, ffn, in_proj, ... and any
     future kind), each layer's expert weights averaged over the data, weighted by batch size;
     ``{}`` for models without Lily. The model's train/eval mode is restored afterwards.
+    With ``predictions=True`` it also returns, per image in order, ``pred`` (argmax), ``label``,
+    ``topk_index`` and ``topk_logit`` (the ``min(topk, classes)`` largest logits, descending) as
+    CPU tensors (read back once, after the last batch).
     """
     device = torch.device(device)
     check_precision(precision)
@@ -263,6 +266,7 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
     n = len(data.labels)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     experts: dict[str, torch.Tensor] = {}
+    kept: list[tuple[torch.Tensor, ...]] = []
     start = time.perf_counter()
     with tqdm(total=n, desc=progress_desc, unit="img", unit_scale=True, leave=False,
               disable=progress_desc is None) as bar:
@@ -270,7 +274,11 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
             x, y = feeder.slice(i, min(i + batch_size, n))
             with ctx:
                 logits = model(x)
-            correct += (logits.argmax(-1) == y).sum()
+            pred = logits.argmax(-1)
+            correct += (pred == y).sum()
+            if predictions:
+                top = logits.float().topk(min(topk, logits.shape[-1]), dim=-1)
+                kept.append((pred, y, top.indices, top.values))
             for kind, w in lily.expert_weights(model, cpu=False).items():  # summed on the device
                 experts[kind] = experts.get(kind, 0) + w * len(y)
             bar.update(len(y))
@@ -278,6 +286,10 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int, device, normaliza
     hits = correct.item()
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return {"acc": 100.0 * hits / max(n, 1), "images": n, "seconds": seconds,
-            "images_per_s": n / max(seconds, 1e-9),
-            "experts": {k: (v / max(n, 1)).cpu().tolist() for k, v in experts.items()}}
+    out = {"acc": 100.0 * hits / max(n, 1), "images": n, "seconds": seconds,
+           "images_per_s": n / max(seconds, 1e-9),
+           "experts": {k: (v / max(n, 1)).cpu().tolist() for k, v in experts.items()}}
+    if predictions:
+        out.update({key: torch.cat([k[i] for k in kept]).cpu() if kept else torch.zeros(0)
+                    for i, key in enumerate(("pred", "label", "topk_index", "topk_logit"))})
+    return out

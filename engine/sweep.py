@@ -49,12 +49,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
+from engine.run import DONE, FAILED, FINISHED, INTERRUPTED, SKIPPED, RunDir
+
 log = logging.getLogger(__name__)
 
 LEDGER_ENV = "LILY_SWEEP_LEDGER"   # the ledger file of the running multirun
 BATCH_ENV = "LILY_SWEEP_BATCH"     # jobs the launcher starts at once (the sweeper's first batch)
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-DONE = ("finished", "skipped")     # statuses that leave nothing to do
+NOT_REPORTED = "did not report"    # a ledger outcome: the job never wrote its end line
 MESSAGE_CHARS = 2000               # cap on a message stored in the ledger
 SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED", "RESIZING", "CONFIGURING")
 
@@ -157,6 +159,27 @@ def configure_threads(cfg=None) -> int:
     return n_now
 
 
+# -- private behaviour of submitit and Hydra: each access in one place ------------------------
+# requirements.txt pins submitit==1.5.4 and hydra-core==1.3.8; tests/test_sweep.py fails when an
+# installed version no longer behaves as these three functions expect.
+def submitit_usr_sig():
+    """The signal submitit's job process listens to for checkpoint-and-requeue (``_usr_sig``)."""
+    from submitit.core.job_environment import JobEnvironment
+    return JobEnvironment._usr_sig()  # noqa: SLF001 - the signal submitit itself installs its handler on
+
+
+def job_return_value(job_return):
+    """A Hydra JobReturn's value without re-raising a failed job's exception (``_return_value``)."""
+    return job_return._return_value  # noqa: SLF001 - .return_value re-raises a FAILED job's exception
+
+
+def basic_sweeper_batches(overrides: list[str], max_batch_size):
+    """The batches of jobs Hydra's BasicSweeper expands ``overrides`` into (a private module)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), max_batch_size)
+
+
 # -- preemption -----------------------------------------------------------------------------
 _preempt = {"requested": False, "signum": None, "submitit_handler": None}
 
@@ -208,8 +231,7 @@ def install_preemption_handler() -> bool:
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return False
     try:
-        from submitit.core.job_environment import JobEnvironment
-        sig = JobEnvironment._usr_sig()  # noqa: SLF001 - the signal submitit itself listens to
+        sig = submitit_usr_sig()
         current = signal.getsignal(sig)
         if current is _on_preemption_signal:
             return True
@@ -220,7 +242,7 @@ def install_preemption_handler() -> bool:
     except (ImportError, ValueError, RuntimeError) as e:  # ValueError: not the main thread
         log.warning("preemption handler not installed: %s", e)
         return False
-    log.info("preemption: SIG%s checkpoints the run and requeues the job", JobEnvironment.USR_SIG)
+    log.info("preemption: %s checkpoints the run and requeues the job", signal.Signals(sig).name)
     return True
 
 
@@ -230,7 +252,7 @@ def requeue_if_preempted(status: str | None) -> None:
     Does not return when submitit requeues (SystemExit). Returns when there is nothing to requeue,
     or when submitit refuses (e.g. timed out more than max_num_timeout times: logged)."""
     handler = _preempt["submitit_handler"]
-    if not _preempt["requested"] or handler is None or status != "interrupted":
+    if not _preempt["requested"] or handler is None or status != INTERRUPTED:
         return
     try:
         handler(_preempt["signum"], None)
@@ -269,8 +291,6 @@ def _expected_jobs(config) -> tuple[list[list[str]], int] | None:
     """The jobs of this multirun (job num -> overrides) and its first batch size, as Hydra's
     BasicSweeper will expand them; None for another sweeper or when it cannot tell."""
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
         from omegaconf import OmegaConf
         sweeper = config.hydra.sweeper
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
@@ -278,8 +298,7 @@ def _expected_jobs(config) -> tuple[list[list[str]], int] | None:
         params = sweeper.get("params")
         params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
         args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args),
-                                               sweeper.get("max_batch_size"))
+        batches = basic_sweeper_batches(args, sweeper.get("max_batch_size"))
         return [job for b in batches for job in b], len(batches[0])
     except Exception as e:  # noqa: BLE001 - the summary then lists the jobs that reported
         log.warning("sweep summary: cannot expand the sweep (%s: %s); jobs that never start will not be listed",
@@ -297,9 +316,8 @@ def _job_fields(config) -> dict:
 
 
 def _results_status(run_dir: str | None) -> tuple[str | None, str | None]:
-    from engine.run import RESULTS_FILE, read_json
     try:
-        res = read_json(Path(run_dir) / RESULTS_FILE) if run_dir else None
+        res = RunDir(run_dir).results() if run_dir else None
     except (OSError, ValueError):  # unreadable: reported as unknown, as before
         res = None
     return (res.get("status"), res.get("message")) if res else (None, None)
@@ -340,11 +358,11 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
     for key in sorted(jobs, key=lambda k: (isinstance(k, tuple), k)):
         job = jobs[key]
         row = {"status": None, "run_dir": job["run_dir"], "message": None, "overrides": job["overrides"] or [],
-               "slurm": None}
+               "slurm": None, "remedy": None}
         if job["end"] is not None:
             e = job["end"]
-            row.update(status=e.get("status") or "failed", run_dir=e.get("run_dir") or job["run_dir"],
-                       message=e.get("message"))
+            row.update(status=e.get("status") or FAILED, run_dir=e.get("run_dir") or job["run_dir"],
+                       message=e.get("message"), remedy=e.get("remedy"))
         else:  # started (and maybe cancelled or killed), or never started
             status, message = _results_status(job["run_dir"])
             if status in DONE:
@@ -352,16 +370,17 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
             else:
                 row["slurm"] = _slurm_state(job["slurm"]) if job["slurm"] else None
                 why = ("never started" if job["run_dir"] is None else
-                       f"results.json: {status}" if status else "no results.json")
+                       f"{RunDir(job['run_dir']).results_path.name}: {status}" if status else
+                       f"no {RunDir(job['run_dir']).results_path.name}")
                 if row["slurm"]:
                     why += f"; Slurm job {job['slurm']}: {row['slurm']}"
-                row.update(status="did not report", message=why + (f": {message}" if message else ""))
+                row.update(status=NOT_REPORTED, message=why + (f": {message}" if message else ""))
         rows.append(row)
-    counts = dict.fromkeys(["finished", "skipped", "failed", "interrupted", "did not report"], 0)
+    counts = dict.fromkeys([FINISHED, SKIPPED, FAILED, INTERRUPTED, NOT_REPORTED], 0)
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     lines = [f"sweep summary: {len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()
-                                                               if n or s in ("finished", "skipped", "failed")),
+                                                               if n or s in (FINISHED, SKIPPED, FAILED)),
              f"  ledger: {ledger}"]
     bad = [r for r in rows if r["status"] not in DONE]
     # show what tells the jobs apart: the overrides that not every job of the sweep shares
@@ -373,13 +392,18 @@ def summarize(ledger: str | Path, expected: list[list[str]] | None = None) -> tu
         if r["message"]:
             first, *rest = str(r["message"]).strip().splitlines() or [""]
             lines.append(f"    {first}" + (f" [... {len(rest)} more lines in the job log]" if rest else ""))
+        if r["remedy"] == "overwrite":
+            lines.append("    way out: re-run this job with overwrite=true (its earlier attempt cannot be resumed)")
     live = [r for r in bad if (r["slurm"] or "").split(" ")[0] in SLURM_ALIVE]
     if live:
         lines.append(f"  {len(live)} of these jobs are still queued or running on Slurm (squeue): they may finish "
                      "on their own; re-run the command only once they have ended")
+    stuck = [r for r in bad if r["remedy"] == "overwrite"]
     if bad:
         lines.append(f"sweep incomplete: {len(bad)} of {len(rows)} jobs did not finish; re-run the same command "
-                     "to resume them (finished runs are skipped)")
+                     f"to resume {'the others' if stuck else 'them'} (finished runs are skipped)" +
+                     (f"; {len(stuck)} cannot be resumed (corrupt checkpoint): re-run those with overwrite=true"
+                      if stuck else ""))
     return "\n".join(lines), (1 if bad else 0)
 
 
@@ -434,25 +458,25 @@ class SweepSummary(Callback):
         from hydra.core.utils import JobStatus
         rec = _job_fields(config)
         if job_return.status == JobStatus.FAILED:
-            e = job_return._return_value  # noqa: SLF001 - .return_value would re-raise it
+            e = job_return_value(job_return)
             message = f"{type(e).__name__}: {e}"
             log.error("job failed: %s", message, exc_info=(type(e), e, e.__traceback__))
-            rec.update(status="failed", message=message[:MESSAGE_CHARS])
+            rec.update(status=FAILED, message=message[:MESSAGE_CHARS])
             # failure isolation: the sweeper would re-raise this and drop the remaining batches
             job_return.status = JobStatus.COMPLETED
-            job_return.return_value = {"status": "failed", "run_dir": rec["run_dir"], "message": message,
+            job_return.return_value = {"status": FAILED, "run_dir": rec["run_dir"], "message": message,
                                        "final_acc": None}
         else:
-            ret = job_return._return_value  # noqa: SLF001
+            ret = job_return_value(job_return)
             if isinstance(ret, dict) and ret.get("status"):
                 rec.update(status=ret["status"], run_dir=ret.get("run_dir") or rec["run_dir"],
                            message=(str(ret["message"])[:MESSAGE_CHARS] if ret.get("message") else None),
-                           final_acc=ret.get("final_acc"))
+                           final_acc=ret.get("final_acc"), remedy=ret.get("remedy"))
             else:  # a task function without the status contract: trust its results.json
                 status, message = _results_status(rec["run_dir"])
-                rec.update(status=status or "finished", message=message)
+                rec.update(status=status or FINISHED, message=message)
         rec.update(threads=_threads.get("threads"))
-        if rec["status"] == "interrupted" and preemption_requested() and _preempt["submitit_handler"]:
+        if rec["status"] == INTERRUPTED and preemption_requested() and _preempt["submitit_handler"]:
             _append(path, dict(rec, event="requeued"))
             requeue_if_preempted(rec["status"])  # SystemExit when submitit requeues the job
         _append(path, dict(rec, event="end"))

@@ -5,7 +5,8 @@ import logging
 import netrc
 import os
 import uuid
-from pathlib import Path
+
+from engine.run import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ def _wandb_logged_in() -> bool:
 class Tracker:
     """``log(metrics, step)`` and ``finish()``; a no-op for ``logger=none``."""
 
-    def __init__(self, cfg_logger, run_dir: Path, config: dict, name: str, resume: bool):
+    def __init__(self, cfg_logger, run_dir, config: dict, name: str, resume: bool):
+        """``run_dir``: the run's :class:`engine.run.RunDir` (wandb writes below it, its run id in it)."""
         self.run = None
         if cfg_logger.name == "none":
             return
@@ -32,13 +34,13 @@ class Tracker:
         import wandb
 
         mode = cfg_logger.get("mode") or os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-        id_file = run_dir / "wandb_id.txt"
+        id_file = run_dir.wandb_id_path
         run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id)
+        atomic_write(id_file, lambda tmp: tmp.write_text(run_id))
         self.run = wandb.init(project=cfg_logger.project, entity=cfg_logger.get("entity"), name=name,
-                              dir=str(run_dir), config=config, mode=mode, id=run_id, resume="allow",
+                              dir=str(run_dir.path), config=config, mode=mode, id=run_id, resume="allow",
                               tags=list(cfg_logger.get("tags") or []), reinit="finish_previous")
-        log.info("wandb: mode=%s run=%s (dir %s)", mode, run_id, run_dir / "wandb")
+        log.info("wandb: mode=%s run=%s (dir %s)", mode, run_id, run_dir.path)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

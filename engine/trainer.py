@@ -1,15 +1,17 @@
-"""The training loop and evaluation of one run (its directory and life cycle: engine/run.py).
+"""The training loop of one run: handed a model, its data, optimizer and schedule, it trains,
+evaluates and reports through callbacks. It knows no file, no config file and no sweep.
 
 A run trains on ``protocol.train_split`` and evaluates on ``protocol.eval_split`` every
-``eval_every`` epochs (``protocol.evaluate: every``) or after the last epoch only
-(``end``). It writes into its run directory: ``checkpoint.pt`` (trainable weights +
-optimizer/scheduler/RNG state, atomically, after every epoch and when a preemption signal
-arrives), ``results.json`` and ``experts.json`` (per-layer expert weights at every evaluation).
+``eval_every`` epochs (``protocol.evaluate: every``) or after the last epoch only (``end``).
+After every epoch (and when ``should_stop`` answers True mid-epoch) it calls
+``checkpoint(state)``; after every evaluation ``on_evaluation(ev, epoch, selected)``
+(``selected``: this evaluation is now the one the protocol reports). The job
+(engine/job.py) wires these to the run directory's owner (engine/run.py).
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -18,31 +20,25 @@ from timm.scheduler import CosineLRScheduler
 
 import lily
 from engine import step
-from common.errors import UserError
-from engine.setup import build_model, load_task_split, seed_everything
-
-DATA_ON_DEVICE_MAX = 4 << 30  # data_on_device=auto: a split stays on the GPU up to this many bytes
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 
 
 class Interrupted(Exception):
-    """The run stopped on purpose before its last epoch (stop_after_epoch, or a preemption signal)."""
+    """The run stopped on purpose before its last epoch (stop_after_epoch, or ``should_stop``)."""
 
 
-def _preemption_requested() -> bool:
-    try:
-        from engine.sweep import preemption_requested
-    except ImportError:
-        return False
-    return preemption_requested()
+def fresh_state() -> dict:
+    """What the loop carries across epochs (and a checkpoint across processes)."""
+    return {"epoch": 0, "step": 0, "lr": None, "loss_sum": 0.0, "images": 0, "history": [], "experts": [], "lrs": [],
+            "train_seconds": 0.0, "train_images": 0, "eval_seconds": 0.0, "eval_images": 0}
 
 
-def evaluate(model, data, cfg, device, desc: str) -> dict:
+def evaluate(model, data, cfg, device, desc: str, predictions: bool = False) -> dict:
     """Top-1 accuracy, throughput and the mean per-layer expert weights over ``data`` (engine/step.py)."""
     return step.evaluate(model, data, batch_size=cfg.eval_batch_size, device=device, normalization=cfg.normalization,
-                         precision=cfg.precision, progress_desc=desc if cfg.progress else None)
+                         precision=cfg.precision, progress_desc=desc if cfg.progress else None,
+                         predictions=predictions)
 
 
 def make_optimizer(model, cfg: DictConfig):
@@ -62,62 +58,41 @@ def step_scheduler(scheduler, epoch: int, lag: int) -> None:
     scheduler.step(epoch + 1 - lag)
 
 
-def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
-    """Train one configuration; returns the results (without identity/status fields)."""
+def _never() -> bool:
+    return False
+
+
+def train(model, optimizer, scheduler, train_data, eval_data, cfg: DictConfig, device, *, state: dict | None = None,
+          should_stop: Callable[[], bool] = _never, checkpoint: Callable[[dict], None] | None = None,
+          on_evaluation: Callable[[dict, int, bool], None] | None = None,
+          log_metrics: Callable[[dict, int], None] | None = None) -> dict:
+    """Train ``model`` from ``state`` (a resumed checkpoint's, or a fresh one) to ``optim.epochs``.
+
+    ``cfg`` gives the loop's numbers (optim.epochs, batch sizes, eval_every, protocol, precision,
+    normalization, seed, recipe.scheduler_lag, max_train_steps, stop_after_epoch, progress).
+    Raises :class:`Interrupted` after a checkpoint when ``should_stop()`` or ``stop_after_epoch``
+    ends the run early. Returns the results (accuracies, history, timings, parameter counts).
+    """
     o, p = cfg.optim, cfg.protocol
-    device = torch.device(cfg.device_resolved)
-    step.configure_backend(device, cfg.precision, cfg.tf32)
-    seed_everything(cfg.seed)
-    from data import get_task
-    task = get_task(cfg.task.name)
-    model, info = build_model(cfg, task.num_classes, device)
-    train_data = load_task_split(cfg, p.train_split)
-    eval_data = load_task_split(cfg, p.eval_split)
-    data_info = {d.split: {"images": len(d.labels), "decoded": d.decoded, "cache": d.cache_path}
-                 for d in (train_data, eval_data)}
-    if cfg.get("data_on_device", "auto") not in (False, None):
-        train_data, eval_data = (step.to_device(d, device, DATA_ON_DEVICE_MAX) for d in (train_data, eval_data))
-    if len(train_data.labels) < cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the {len(train_data.labels)} training images of "
-                        f"{task.name}/{p.train_split} (drop_last=True leaves no step)")
-    optimizer, scheduler = make_optimizer(model, cfg)
+    device = torch.device(device)
+    state = {k: (state or {}).get(k, v) for k, v in fresh_state().items()}
     lag = int(cfg.recipe.scheduler_lag)
-    ckpt_path = run_dir / CHECKPOINT
-    state = {"epoch": 0, "step": 0, "lr": None, "loss_sum": 0.0, "images": 0, "history": [], "experts": [], "lrs": [],
-             "train_seconds": 0.0, "train_images": 0, "eval_seconds": 0.0, "eval_images": 0}
-    if resume and ckpt_path.exists():
-        payload = lily.read_trainable(ckpt_path)
-        lily.load_trainable(model, payload)
-        extra = payload["extra"]
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng_cpu"])
-        if device.type == "cuda" and extra.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(extra["rng_cuda"], device)
-        state = {k: extra.get(k, v) for k, v in state.items()}
-        log.info("resumed from %s at epoch %d", ckpt_path, state["epoch"])
-
-    def checkpoint():
-        extra = dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     rng_cpu=torch.get_rng_state(),
-                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        lily.save_trainable(model, ckpt_path, extra=extra)
-
+    save = checkpoint or (lambda s: None)
+    best = max((h["acc"] for h in state["history"]), default=None)
     for epoch in range(state["epoch"], o.epochs):
         if state["step"] == 0:
             state["lr"] = optimizer.param_groups[0]["lr"]
         lr_now = state["lr"]
         ep = step.train_epoch(model, optimizer, train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                               device=device, normalization=cfg.normalization, precision=cfg.precision,
-                              start_step=state["step"], max_steps=cfg.max_train_steps,
-                              should_stop=_preemption_requested,
+                              start_step=state["step"], max_steps=cfg.max_train_steps, should_stop=should_stop,
                               progress_desc=f"epoch {epoch + 1}/{o.epochs}" if cfg.progress else None)
         state["train_seconds"] += ep["seconds"]
         state["train_images"] += ep["images"]
-        if not ep["completed"]:  # a preemption signal mid-epoch: save the position in the epoch and stop
+        if not ep["completed"]:  # a stop request mid-epoch: save the position in the epoch and stop
             state.update(step=ep["next_step"], loss_sum=state["loss_sum"] + ep["loss_sum"],
                          images=state["images"] + ep["images"])
-            checkpoint()
+            save(state)
             raise Interrupted(f"preempted in epoch {epoch + 1} after step {ep['next_step']} (checkpoint written; "
                               "running the same configuration again continues from there)")
         n_seen = state["images"] + ep["images"]
@@ -130,11 +105,16 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
         last = epoch + 1 == o.epochs
         due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0 and p.evaluate == "every"
         if due or last:
-            ev = evaluate(model, eval_data, cfg, device, f"eval {p.eval_split}")
+            ev = evaluate(model, eval_data, cfg, device, f"eval {p.eval_split}", predictions=on_evaluation is not None)
             state["eval_seconds"] += ev["seconds"]
             state["eval_images"] += ev["images"]
             state["history"].append({"epoch": epoch + 1, "split": p.eval_split, "acc": ev["acc"]})
             state["experts"].append({"epoch": epoch + 1, "split": p.eval_split, "weights": ev["experts"]})
+            # the reported evaluation: the first best (ties keep the earlier epoch) or the last one
+            selected = (best is None or ev["acc"] > best) if p.select == "best" else last
+            best = ev["acc"] if best is None else max(best, ev["acc"])
+            if on_evaluation is not None:
+                on_evaluation(ev, epoch + 1, selected)
             metrics[f"{p.eval_split}_acc"] = ev["acc"]
             for kind, rows in ev["experts"].items():
                 for layer, row in enumerate(rows):
@@ -143,17 +123,18 @@ def train(cfg: DictConfig, run_dir: Path, tracker, resume: bool) -> dict:
                      p.eval_split, ev["acc"], train_loss, lr_now, ev["images_per_s"])
         else:
             log.info("epoch %d/%d  loss %.4f  lr %.2e", epoch + 1, o.epochs, train_loss, lr_now)
-        checkpoint()
-        tracker.log(metrics, step=epoch + 1)
-        if not last and (_preemption_requested() or
+        save(state)
+        if log_metrics is not None:
+            log_metrics(metrics, epoch + 1)
+        if not last and (should_stop() or
                          (cfg.get("stop_after_epoch") is not None and epoch + 1 >= cfg.stop_after_epoch)):
             raise Interrupted(f"stopped after epoch {epoch + 1} (checkpoint written; re-run the same command to continue)")
     accs = [h["acc"] for h in state["history"]]
-    best = max(range(len(accs)), key=accs.__getitem__)
-    return {"info": info, "data": data_info, "history": state["history"], "experts": state["experts"],
-            "lrs": state["lrs"], "final_acc": accs[-1], "best_acc": accs[best],
-            "best_epoch": state["history"][best]["epoch"],
-            "acc": accs[best] if p.select == "best" else accs[-1],
+    best_i = max(range(len(accs)), key=accs.__getitem__)
+    return {"history": state["history"], "experts": state["experts"],
+            "lrs": state["lrs"], "final_acc": accs[-1], "best_acc": accs[best_i],
+            "best_epoch": state["history"][best_i]["epoch"],
+            "acc": accs[best_i] if p.select == "best" else accs[-1],
             "train_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"],
             "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
             "eval_images_per_s": state["eval_images"] / max(state["eval_seconds"], 1e-9),
