@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: 16-bit grey images scaled to 8 bit (data/folder.py to_rgb), not clipped
 
 
 def file_stats(paths) -> bytes:

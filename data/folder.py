@@ -2,7 +2,8 @@
 
 ``<root>/<task>/<split>.txt`` holds lines ``relative/path label``; paths are relative to
 ``<root>/<task>/``. Each image is opened with PIL, converted to RGB and resized directly
-to (S, S) (no crop, aspect not kept), as in NOAH/FacT/RepAdapter (vtab.md section 5).
+to (S, S) (no crop, aspect not kept), as in NOAH/FacT/RepAdapter (vtab.md section 5);
+16-bit grey images are scaled to 8 bit, not clipped (:func:`to_rgb`).
 """
 from __future__ import annotations
 
@@ -117,11 +118,28 @@ def read_list(tdir: Path, task: Task, split: str) -> tuple[Path, bytes, list[Ent
     return list_file, raw, entries
 
 
+def to_rgb(im: Image.Image, entry: Entry) -> Image.Image:
+    """``im`` as 8-bit RGB. 16-bit grey (``I;16*``, or ``I`` holding 0..65535) is scaled to 8 bit
+    (v / 257, rounded: 65535 -> 255) instead of PIL's clipping ``convert``; a mode whose range
+    cannot be known (float ``F``, ``I`` outside 16 bit) is refused with the file named."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise UserError(f"image '{entry.path}' (listed at {entry.where}) has 32-bit integer pixels outside "
+                            "0..65535: its range cannot be mapped to 8 bit; convert it to 8-bit RGB or grey")
+        grey = np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode == "F":
+        raise UserError(f"image '{entry.path}' (listed at {entry.where}) has floating-point pixels (mode F): "
+                        "their range cannot be mapped to 8 bit; convert it to 8-bit RGB or grey")
+    return im.convert("RGB")
+
+
 def decode_image(entry: Entry, size: int, resample) -> np.ndarray:
-    """One image as uint8 (3, size, size)."""
+    """One image as uint8 (3, size, size) (:func:`to_rgb`, then resized)."""
     try:
         with Image.open(entry.path) as im:
-            im = im.convert("RGB").resize((size, size), resample)
+            im = to_rgb(im, entry).resize((size, size), resample)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(
             f"cannot read image '{entry.path}' (listed at {entry.where}): {e}. "
