@@ -17,7 +17,6 @@ Both functions return the matplotlib Figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from data.registry import VTAB_TASKS  # noqa: E402
+from engine.run import RunDir  # noqa: E402
 from results.labels import method_label, unique_labels  # noqa: E402
 from results.runs import load_runs, where  # noqa: E402
 from results.tables import DISPLAY, PROTOCOLS, prepare, select  # noqa: E402
@@ -107,7 +107,7 @@ def default_layers(depth: int) -> list[int]:
 def _kind(weights: dict, kind: str | None) -> str:
     if kind:
         if kind not in weights:
-            raise ValueError(f"kind '{kind}' not in experts.json (has: {', '.join(weights)})")
+            raise ValueError(f"kind '{kind}' not in the run's expert weights (has: {', '.join(weights)})")
         return kind
     for k in KIND_PREFERENCE:
         if k in weights:
@@ -123,9 +123,9 @@ def fig4(runs: pd.DataFrame, protocol: str = "paper", tasks=None, method=None, v
     if df.empty:
         raise ValueError(f"no finished {protocol} run" + (f" of method {method}" if method else ""))
     sel = select(df, protocol, stage1=stage1)
-    sel = sel[[any((Path(d) / "experts.json").is_file() for d in dirs) for dirs in sel["run_dirs"]]]
+    sel = sel[[any(RunDir(d).experts_path.is_file() for d in dirs) for dirs in sel["run_dirs"]]]
     if sel.empty:
-        raise ValueError("no selected run has an experts.json")
+        raise ValueError("no selected run has expert weights (a finished Lily run writes them)")
     vids = list(dict.fromkeys(sel["variant"]))
     labels = _labels(df, info, vids)
     if variant:
@@ -146,8 +146,8 @@ def fig4(runs: pd.DataFrame, protocol: str = "paper", tasks=None, method=None, v
         fig.delaxes(ax)
     used_kind = None
     for ax, task in zip(flat, order):
-        run_dir = next(Path(d) for d in sel.at[task, "run_dirs"] if (Path(d) / "experts.json").is_file())
-        entry = json.loads((run_dir / "experts.json").read_text())[-1]
+        run_dir = next(RunDir(d) for d in sel.at[task, "run_dirs"] if RunDir(d).experts_path.is_file())
+        entry = run_dir.experts()[-1]
         used_kind = _kind(entry["weights"], kind)
         w = entry["weights"][used_kind]               # [layer][expert]
         chosen = [layer for layer in (layers or default_layers(len(w))) if layer < len(w)]

@@ -21,9 +21,8 @@ from typing import Iterable
 import pandas as pd
 
 from data.registry import TASKS
+from engine.run import FINISHED, STATUSES, RunDir, find_run_dirs
 
-RESULTS_FILE = "results.json"
-STATUSES = ("finished", "failed", "interrupted", "running")
 # Top-level fields of results.json copied into the table (the rest stays in the file).
 FIELDS = ("status", "message", "run_id", "method_id", "task", "group", "backbone", "seed", "protocol", "recipe",
           "precision", "normalization", "epochs", "final_acc", "best_acc", "best_epoch", "train_split",
@@ -61,34 +60,34 @@ def short_hash(obj) -> str:
 
 
 def load_runs(root: str | Path, run_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
-    """One row per ``results.json`` under ``root`` (or in ``run_dirs`` only), every status.
+    """One row per run directory (its results.json, read through engine.run.RunDir) under ``root``
+    (or in ``run_dirs`` only), every status.
 
     Columns: ``run_dir``, the top-level fields (FIELDS), ``searched`` (tuple), ``eval_every``,
     ``identity`` (nested dict) and ``flat`` (dotted keys). A results.json without an
     ``identity`` (written before run identities existed) gets status ``no-identity``.
     """
     if run_dirs is not None:
-        files = [Path(d) / RESULTS_FILE for d in run_dirs]
-        files = sorted({f.resolve() for f in files if f.is_file()})
+        dirs = sorted({Path(d).resolve() for d in run_dirs if RunDir(d).results_path.is_file()})
     else:
-        files = sorted(Path(root).rglob(RESULTS_FILE))
+        dirs = find_run_dirs(root)
     rows, seen = [], set()
-    for f in files:
+    for d in dirs:
         try:
-            r = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            rows.append({"run_dir": str(f.parent), "status": "unreadable", "message": str(e)})
+            r = RunDir(d).read_results()
+        except (OSError, ValueError) as e:
+            rows.append({"run_dir": str(d), "status": "unreadable", "message": str(e)})
             continue
         ident = r.get("identity")
         row = {k: r.get(k) for k in FIELDS}
-        row["run_dir"] = str(f.parent)
+        row["run_dir"] = str(d)
         if not isinstance(ident, dict):
-            row.update(status="no-identity", message="results.json has no identity (older format): not used")
+            row.update(status="no-identity", message=f"{RunDir(d).results_path.name} has no identity (older format): not used")
             rows.append(row)
             continue
-        if row["run_id"] in seen and row["status"] == "finished":  # a copied run directory: count it once
+        if row["run_id"] in seen and row["status"] == FINISHED:  # a copied run directory: count it once
             row.update(status="duplicate", message=f"same run_id as another run directory ({row['run_id']})")
-        elif row["status"] == "finished":
+        elif row["status"] == FINISHED:
             seen.add(row["run_id"])
         row["group"] = row["group"] or (TASKS[row["task"]].group if row["task"] in TASKS else "other")
         row["searched"] = tuple(r.get("searched") or ())
@@ -110,7 +109,7 @@ def status_summary(df: pd.DataFrame) -> str:
 
 def not_used(df: pd.DataFrame) -> pd.DataFrame:
     """The runs that never enter a table: every status but ``finished``."""
-    return df[df["status"] != "finished"][["run_dir", "status", "message"]]
+    return df[df["status"] != FINISHED][["run_dir", "status", "message"]]
 
 
 def searched_keys(df: pd.DataFrame, extra: Iterable[str] = ()) -> tuple[str, ...]:
