@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from engine.run import DONE
 from results.runs import load_runs
 from results.tables import build_tables, prepare, select, status_block, to_markdown, write
 
@@ -170,7 +171,7 @@ def run_stage(name: str, cmd: list[str], runs_dir: Path) -> dict:
     for r in read_ledger(ledger):
         if r.get("event") != "end":
             continue
-        if r.get("status") in ("finished", "skipped"):
+        if r.get("status") in DONE:
             jobs[str(Path(r["run_dir"]).resolve())] = list(r.get("overrides") or [])
         else:
             bad.append(f"{r.get('status')}: {r.get('run_dir')}")
@@ -194,6 +195,54 @@ def _seeds_from(train_overrides: list[str]) -> str | None:
     return None
 
 
+def check_seeds(seeds: str | None, where: str) -> None:
+    """``42,43,44``: comma-separated integers >= 0 (a CleanProtocolError naming the bad one)."""
+    if seeds is None:
+        return
+    for token in seeds.split(","):
+        if not token.strip().isdigit():
+            raise CleanProtocolError(f"{where} '{seeds}': '{token}' is not a seed; give comma-separated integers "
+                                     ">= 0, e.g. --seeds 42,43,44")
+
+
+def first_values(train_overrides: list[str]) -> list[str]:
+    """The overrides with each sweep replaced by its first value: one job's command line."""
+    out = []
+    for text, o in zip(train_overrides, _parse(train_overrides)):
+        if o.is_sweep_override():
+            value = next(iter(o.sweep_string_iterator()))
+            out.append(f"{o.get_key_element()}={value}")
+        else:
+            out.append(text)
+    return out
+
+
+def check_command_line(train_overrides: list[str], search: list[str], seeds: str | None, out: Path | None) -> None:
+    """Everything this command needs, checked before stage 1 trains anything: the overrides compose
+    into a train.py config, every --search key exists in it, the stage-2 seeds are integers, --out
+    is not a file."""
+    check_seeds(seeds, "--seeds")
+    check_seeds(_seeds_from(train_overrides), "seed=")
+    if out is not None and out.exists() and not out.is_dir():
+        raise CleanProtocolError(f"--out {out} is a file; give a folder for the tables")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    import engine.cli  # noqa: F401 - LILY_ROOT and the ${run_subdir:} resolver, as train.py has them
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=first_values(train_overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad override
+        raise CleanProtocolError(f"the overrides do not compose into a train.py config: {e}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    missing = object()
+    unknown = [k for k in search if OmegaConf.select(cfg, k, default=missing) is missing]
+    if unknown:
+        raise CleanProtocolError(f"--search {','.join(unknown)}: no such key in the configuration of this command "
+                                 f"(keys are dotted config paths, e.g. method.scale or optim.lr)")
+
+
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description="The clean protocol in one command (see results/clean.py).",
                                  usage="clean_protocol.py <train.py overrides> [--seeds 42,43,44] [--search keys] "
@@ -214,6 +263,7 @@ def main(argv=None) -> list:
         runs_dir = base / "runs"
         chosen_root = base / "chosen"
         search = [s.strip() for s in args.search.split(",") if s.strip()]
+        check_command_line(train_overrides, search, args.seeds, args.out)
         python = [sys.executable, str(REPO / "train.py"), "-m"]
 
         stage1 = run_stage("stage 1 (search: train800 -> val200)",
