@@ -27,13 +27,21 @@ def _split_indices(n: int) -> dict[str, np.ndarray]:
             "train800val200": perm[:1000], "test": perm[1000:]}
 
 
-def _is_complete(tdir: Path) -> bool:
+def _incomplete(tdir: Path) -> str | None:
+    """What makes ``tdir`` not a complete digits task (the file and why), or None."""
     task = get_task("digits")
     for split in SPLITS:
         f = tdir / f"{split}.txt"
-        if not f.is_file() or len(f.read_text().splitlines()) != task.expected_size(split):
-            return False
-    return True
+        if not f.is_file():
+            return f"{f} is missing"
+        n = len(f.read_text().splitlines())
+        if n != task.expected_size(split):
+            return f"{f} lists {n} images, not {task.expected_size(split)}"
+    return None
+
+
+def _is_complete(tdir: Path) -> bool:
+    return _incomplete(tdir) is None
 
 
 def _write(tdir: Path) -> None:
@@ -58,10 +66,11 @@ def ensure_digits(root) -> Path:
     """
     root = Path(root).expanduser()
     tdir = root / "digits"
-    if _is_complete(tdir):
+    problem = _incomplete(tdir)
+    if problem is None:
         return tdir
     if tdir.exists():
-        raise UserError(f"'{tdir}' exists but is not a complete digits task; delete it and run again.")
+        raise UserError(f"'{tdir}' exists but is not a complete digits task ({problem}); delete it and run again.")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".digits.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
