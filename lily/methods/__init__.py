@@ -4,3 +4,7 @@ A new method is one module here (options dataclass + ``@register``'d Method), on
 below, its Hydra config under ``configs/method/`` and its tests. Nothing else changes.
 """
 from . import adaptformer, full, lily, lora  # noqa: F401
+from . import vim_lora  # noqa: F401,E402
+from . import vim_tuning  # noqa: F401,E402
+from . import compose  # noqa: F401,E402
+from . import vim_adapter, vim_scan, vim_tokens  # noqa: F401,E402  (MambaPEFT on Vim, part B)
