@@ -18,6 +18,19 @@ Hooks for adapters (the ``lily`` package does not import this module): every mix
 dt projections ``dt_proj`` / ``dt_proj_b`` are applied without bias through
 :func:`linear_no_bias` and their ``.bias`` is given to the scan as ``delta_bias`` (added
 before the softplus). All three may be replaced by wrapper modules.
+
+Hooks for token and state methods (MambaPEFT's prompt, Affix and Additional-scan; the
+``lily`` methods set them, all are None by default so the plain model is unchanged):
+
+* ``VisionMamba.prompt``: a module whose ``forward()`` returns (P, D) input tokens and whose
+  ``num_prefix`` says how many of them go before the sequence (the rest after it), added
+  after the position embedding; the cls read-out index moves by ``num_prefix``.
+* ``VisionMamba.affix``: a module whose ``forward()`` returns (depth, 2, T, 2*d_inner):
+  per layer and per scan direction (0 forward, 1 backward) T tokens in xz space (x | z),
+  prepended to that direction's xz, through conv1d/SiLU/scan, dropped before the average.
+* ``BiMambaMixer.scan_addition``: a module with ``A_log``, ``A_b_log`` (d_inner, N') and
+  ``x_proj``, ``x_proj_b`` (Linear d_inner -> 2N', rows [B_new | C_new]): N' extra scan
+  states per direction, placed before the N pretrained ones.
 """
 from __future__ import annotations
 
@@ -133,26 +146,54 @@ class BiMambaMixer(nn.Module):
                            + math.log(dt_min)).clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
         self.dt_proj.bias._no_reinit = True
+        self.scan_addition = None                 # hook: extra scan states (see the module doc)
 
-    def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D):
-        """One scan direction. x, z: (B, d_inner, L) -> (B, d_inner, L)."""
+    def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, extra=None):
+        """One scan direction. x, z: (B, d_inner, L) -> (B, d_inner, L). ``extra``:
+        (A_log_new (d_inner, N'), x_proj_new) for N' additional states placed first."""
         u = mamba_ops.causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu",
                                     mode=self.kernels)
         x_dbl = x_proj(u.transpose(1, 2))                                  # (B, L, R + 2N)
         dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = linear_no_bias(dt_proj, dt_low)                            # (B, L, d_inner)
         A = -torch.exp(A_log.float())
+        if extra is not None:                     # states [new N' | pretrained N]
+            A_new, proj_new = extra
+            B_new, C_new = proj_new(u.transpose(1, 2)).chunk(2, dim=-1)    # (B, L, N') each
+            B, C = torch.cat([B_new, B], dim=-1), torch.cat([C_new, C], dim=-1)
+            A = torch.cat([-torch.exp(A_new.float()), A], dim=1)
         return mamba_ops.selective_scan(
             u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
             z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, mode=self.kernels)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (B, L, d_model) -> (B, L, d_model)."""
+    def forward(self, h: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """h: (B, L, d_model) -> (B, L, d_model). ``prefix``: optional (2, T, 2 d_inner)
+        xz-space tokens prepended to the forward (index 0) and backward (index 1) scans;
+        their outputs are dropped before the two directions are averaged."""
         xz = self.in_proj(h)                                               # (B, L, 2 d_inner)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)                          # (B, d_inner, L) each
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(_flip(x), _flip(z), self.conv1d_b, self.x_proj_b,
-                              self.dt_proj_b, self.A_b_log, self.D_b)
+        add = self.scan_addition
+        ex_f = ex_b = None
+        if add is not None:
+            ex_f, ex_b = (add.A_log, add.x_proj), (add.A_b_log, add.x_proj_b)
+        if prefix is None:
+            x, z = xz.transpose(1, 2).chunk(2, dim=1)                      # (B, d_inner, L) each
+            x_f, z_f, x_b, z_b, T = x, z, x, z, 0
+        else:
+            # one extra copy per layer: [prefix_f | xz | flip(prefix_b)] (B, 2T+L, 2 d_inner).
+            # The forward scan reads its first T+L positions (a view); the backward scan
+            # reads the flip of its last T+L (the flip copy the plain mixer makes anyway).
+            T, n = prefix.shape[1], xz.shape[0]
+            pre = prefix.to(xz.dtype)
+            ext = torch.cat([pre[0].expand(n, -1, -1), xz, pre[1].flip(0).expand(n, -1, -1)], dim=1)
+            x, z = ext.transpose(1, 2).chunk(2, dim=1)                     # (B, d_inner, 2T+L)
+            L = xz.shape[1]
+            x_f, z_f, x_b, z_b = x[..., :T + L], z[..., :T + L], x[..., T:], z[..., T:]
+        y_f = self._direction(x_f, z_f, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D,
+                              ex_f)
+        y_b = self._direction(_flip(x_b), _flip(z_b), self.conv1d_b, self.x_proj_b,
+                              self.dt_proj_b, self.A_b_log, self.D_b, ex_b)
+        if T:
+            y_f, y_b = y_f[..., T:], y_b[..., T:]                         # drop the affix positions
         y = (y_f + _flip(y_b)).transpose(1, 2) / 2                         # divide-out
         return self.out_proj(y)
 
@@ -166,9 +207,10 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None):
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, prefix=None):
         residual = h.float() if residual is None else residual + self.drop_path(h).float()
-        return self.mixer(self.norm(residual, out_dtype=h.dtype)), residual
+        h = self.norm(residual, out_dtype=h.dtype)
+        return (self.mixer(h) if prefix is None else self.mixer(h, prefix=prefix)), residual
 
 
 class VisionMamba(nn.Module):
@@ -195,6 +237,8 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self._init_weights(depth)
+        self.prompt = None                        # hooks (see the module doc)
+        self.affix = None
 
     def _init_weights(self, depth: int):
         trunc_normal_(self.pos_embed, std=0.02)
@@ -222,9 +266,14 @@ class VisionMamba(nn.Module):
         p = self.token_position
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :p], cls, x[:, p:]], dim=1) + self.pos_embed
+        if self.prompt is not None:               # after the position embedding; cls moves
+            tokens, k, n = self.prompt().to(x.dtype), self.prompt.num_prefix, x.shape[0]
+            x = torch.cat([tokens[:k].expand(n, -1, -1), x, tokens[k:].expand(n, -1, -1)], dim=1)
+            p = p + k
+        prefixes = self.affix() if self.affix is not None else None
         h, residual = self.pos_drop(x), None
-        for layer in self.layers:
-            h, residual = layer(h, residual)
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, None if prefixes is None else prefixes[i])
         residual = residual + self.drop_path(h).float()
         h = self.norm_f(residual, out_dtype=h.dtype)
         return h[:, p]
@@ -330,7 +379,8 @@ def build_vim(cfg, num_classes: int):
     """Build Vim-S from a backbone config (dict or OmegaConf node).
 
     Keys: pretrained (bool), checkpoint (path or null), img_size (224), drop_path_rate
-    (0.05), kernels (auto | cuda | pytorch; null reads $VIM_KERNELS, default auto).
+    (0.05), kernels (auto | cuda | pytorch; null reads $VIM_KERNELS, default auto),
+    num_classes_override (null: the task's class count; MambaPEFT's configs: 100).
     Returns (model, info) with info = {'weights': 'file:<path>' | 'random',
     'kernels': 'cuda' | 'pytorch', ...}.
     """
@@ -349,6 +399,13 @@ def build_vim(cfg, num_classes: int):
             raise UserError(f"backbone.kernels=cuda but the Mamba CUDA kernels cannot be used "
                             f"({why}). Install them with requirements-mamba.txt on a CUDA "
                             f"machine, or set backbone.kernels=auto|pytorch.")
+    override = get("num_classes_override", None)
+    if override:                               # MambaPEFT's released configs: a fixed 100-way head
+        if num_classes > int(override):
+            raise UserError(f"backbone.num_classes_override={override} is smaller than the task's "
+                            f"{num_classes} classes (MambaPEFT's fixed 100-way head cannot train "
+                            f"sun397); drop the override to size the head by the task")
+        num_classes = int(override)
     model = vim_small(num_classes=num_classes, img_size=int(get("img_size", 224)),
                       drop_path_rate=float(get("drop_path_rate", 0.05)), kernels=mode)
     info = {"weights": "random"}
