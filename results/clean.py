@@ -1,10 +1,14 @@
 """The clean protocol in one command: search on val200, write the choice down, retrain, test once.
 
-    python scripts/clean_protocol.py <train.py overrides> [--seeds 42,43,44] [--search keys] [--out DIR]
+    python scripts/clean_protocol.py <train.py overrides> [--seeds 42,43,44] [--search keys]
+                                     [--search-space grid|method] [--out DIR]
     e.g. python scripts/clean_protocol.py task=dtd,eurosat method=lily_kvffn sweep=ne_scale hydra/launcher=joblib
 
 1. Stage 1: ``python train.py -m protocol=search <overrides>``: every grid point trains on
-   train800 and is evaluated on val200 only (the test set is never touched).
+   train800 and is evaluated on val200 only (the test set is never touched). With
+   ``--search-space method`` (``experiment=field_vit``), stage 1 is one such command per method,
+   each sweeping that method's own ``search:`` grid from its config (results/search_space.py:
+   keys checked before anything trains; the methods' grids are never multiplied together).
 2. Selection: per (variant, task) the grid point with the highest final val200 accuracy (mean
    over seeds if several), as ``collect_results.py --protocol search`` selects (results/tables.py).
 3. The choice of each task is written as a Hydra experiment file that train.py runs directly:
@@ -36,7 +40,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from common.errors import UserError
 from engine.run import DONE
+from results import search_space
 from results.runs import load_runs
 from results.tables import build_tables, prepare, select, status_block, to_markdown, write
 
@@ -246,11 +252,14 @@ def check_command_line(train_overrides: list[str], search: list[str], seeds: str
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description="The clean protocol in one command (see results/clean.py).",
                                  usage="clean_protocol.py <train.py overrides> [--seeds 42,43,44] [--search keys] "
-                                       "[--out DIR]")
+                                       "[--search-space grid|method] [--out DIR]")
     ap.add_argument("--seeds", default=None,
                     help="stage-2 seeds, comma-separated (default: the seed override of stage 1, else the config's)")
     ap.add_argument("--search", default="", help="extra searched keys, comma-separated (beyond the recorded sweep)")
     ap.add_argument("--out", type=Path, default=None, help="tables folder (default: <output_dir>/tables)")
+    ap.add_argument("--search-space", choices=search_space.MODES, default="grid",
+                    help="grid: stage 1 sweeps the command line's grid (default); method: one stage-1 sweep per "
+                         "method over its own search: grid (results/search_space.py), never their product")
     args, overrides = ap.parse_known_args(argv)
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     unknown = [o for o in overrides if o.startswith("-")]
@@ -266,8 +275,19 @@ def main(argv=None) -> list:
         check_command_line(train_overrides, search, args.seeds, args.out)
         python = [sys.executable, str(REPO / "train.py"), "-m"]
 
-        stage1 = run_stage("stage 1 (search: train800 -> val200)",
-                           [*python, *overrides, "protocol=search"], runs_dir)
+        if args.search_space == "method":  # checked (keys, clashes) before anything trains
+            try:
+                invocations = search_space.stage1_invocations(train_overrides)
+            except UserError as e:
+                raise CleanProtocolError(str(e)) from None
+            print(f"[clean protocol] stage 1 per method: {search_space.describe(invocations)}", flush=True)
+            stage1 = {}
+            for inv in invocations:
+                stage1.update(run_stage(f"stage 1, {inv.method} (search: train800 -> val200)",
+                                        [*python, *inv.overrides, *hydra_overrides, "protocol=search"], runs_dir))
+        else:
+            stage1 = run_stage("stage 1 (search: train800 -> val200)",
+                               [*python, *overrides, "protocol=search"], runs_dir)
         runs1 = load_runs(runs_dir, run_dirs=stage1)
         chosen = write_chosen(runs1, stage1, chosen_root, search)
         chosen.to_csv(chosen_root / "selection.csv", index=False)

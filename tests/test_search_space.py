@@ -143,3 +143,31 @@ def test_every_field_method_with_a_config_has_a_valid_space():
         assert present, exp
         invs = ss.stage1_invocations([f"experiment={exp}", f"method={','.join(present)}"])
         assert [i.method for i in invs] == present
+
+
+def test_clean_protocol_runs_one_stage1_sweep_per_method(monkeypatch, tmp_path):
+    """scripts/clean_protocol.py --search-space method: one train.py -m per method, each with its own
+    grid, the launcher kept, protocol=search; a bad key stops it before any command runs."""
+    from results import clean
+    spaces = {"lora": {"method.scale": [0.1, 1.0]}, "adaptformer": {"method.rank": [8, 16], "optim.lr": [1e-3, 1e-2]}}
+    monkeypatch.setattr(ss, "method_search", lambda m, configs=ss.CONFIGS: spaces.get(m, {}))
+    commands = []
+    monkeypatch.setattr(clean, "run_stage", lambda name, cmd, runs_dir: commands.append(cmd) or {})
+    argv = ["experiment=table1_baselines", "task=dtd", f"paths.output_dir={tmp_path}", "hydra/launcher=joblib",
+            "--seeds", "42,43", "--search-space", "method"]
+    with pytest.raises(SystemExit, match="no finished search run"):  # nothing ran: the selection stops
+        clean.main(argv)
+    assert [c[c.index("-m") + 1:] for c in commands] == [
+        ["experiment=table1_baselines", "task=dtd", f"paths.output_dir={tmp_path}", "method=full",
+         "hydra/launcher=joblib", "protocol=search"],
+        ["experiment=table1_baselines", "task=dtd", f"paths.output_dir={tmp_path}", "method=linear",
+         "hydra/launcher=joblib", "protocol=search"],
+        ["experiment=table1_baselines", "task=dtd", f"paths.output_dir={tmp_path}", "method=adaptformer",
+         "method.rank=8,16", "optim.lr=0.001,0.01", "hydra/launcher=joblib", "protocol=search"],
+        ["experiment=table1_baselines", "task=dtd", f"paths.output_dir={tmp_path}", "method=lora",
+         "method.scale=0.1,1.0", "hydra/launcher=joblib", "protocol=search"]]
+    commands.clear()
+    spaces["lora"] = {"method.sclae": [0.1, 1.0]}
+    with pytest.raises(SystemExit, match="lora: unknown search key 'method.sclae'"):
+        clean.main(argv)
+    assert commands == []
