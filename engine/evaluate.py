@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def evaluate_run(cfg: DictConfig) -> dict:
     rd = RunDir(cfg.run_dir)
     run_cfg = rd.config()  # a UserError when this is not a run directory
-    status = rd.status() or "unknown (no results.json)"
+    status = rd.status() or f"unknown (no {rd.results_path.name})"
     payload = rd.read_checkpoint()  # a CorruptRun naming the file, with the way out
     epoch = (payload.get("extra") or {}).get("epoch")
     epochs = run_cfg.optim.epochs
