@@ -6,7 +6,8 @@ VisionTransformer, models/vit.py; ``vim``: Vision Mamba Vim-S, models/vim.py) an
 The classification head is always ``model.head``; it is (re-)initialised as
 ``cfg.head_init`` says (VTAB tasks never share the pre-training classes):
 ``default`` = PyTorch's ``nn.Linear`` init (the authors' timm 0.4.12 ``reset_classifier``),
-``trunc_normal`` = trunc-normal(std 0.02) weight and zero bias (timm >= 0.9, Vim).
+``trunc_normal`` = trunc-normal(std 0.02) weight and zero bias (timm >= 0.9, Vim),
+``zeros`` = zero weight and bias (mmpretrain's head, MambaPEFT's recipe).
 ``weights_problem(cfg)`` says, without loading anything, why the weights cannot be had.
 """
 from __future__ import annotations
@@ -27,12 +28,16 @@ def init_head(model: nn.Module, how: str) -> None:
         return
     if how == "default":
         head.reset_parameters()
+    elif how == "zeros":               # mmpretrain's ClsHead default (MambaPEFT's recipe)
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
     elif how == "trunc_normal":
         nn.init.trunc_normal_(head.weight, std=0.02)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
     else:
-        raise UserError(f"backbone.head_init must be default or trunc_normal, got '{how}'")
+        raise UserError(f"backbone.head_init must be default, trunc_normal or zeros, got '{how}'")
 
 
 def build_backbone(cfg, num_classes: int):
