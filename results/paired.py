@@ -55,26 +55,14 @@ PRED_KEYS = ("pred", "label", "files")
 
 # -- reading predictions --------------------------------------------------------------------------
 def load_predictions(run_dir, which: str = "final") -> dict:
-    """The per-sample predictions of a run directory (``which``: final | selected | an eval.py stem).
-
-    Through the run directory's owner (``engine.run.load_predictions``) when it exists;
-    until then the file ``predictions-<which>.npz`` is read here.
-    """
+    """The per-sample predictions of a run directory (``which``: final | selected | an eval.py stem),
+    read by the run directory's owner (``engine.run.load_predictions``: a UserError naming the file
+    when it is missing)."""
+    from engine.run import load_predictions as read
     if which not in WHICH and not str(which).startswith("eval-"):
         raise UserError(f"which must be one of {', '.join(WHICH)} or an eval.py stem (eval-<split>-<precision>), "
                         f"got '{which}'")
-    try:
-        from engine.run import load_predictions as owner
-    except ImportError:
-        owner = None
-    if owner is not None:
-        return owner(run_dir, which=which)
-    path = Path(run_dir) / f"predictions-{which}.npz"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: this run saved no {which} predictions "
-                        "(runs written before per-sample predictions existed have none; re-evaluate it with eval.py)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+    return read(run_dir, which=which)
 
 
 def check_paired(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> None:
@@ -208,7 +196,7 @@ class Comparison:
     per_seed: list                  # McNemar per seed (dicts of :func:`mcnemar`)
     agree: list                     # :func:`agreement` per seed
     combined: dict
-    boot: dict
+    boot: dict | None               # None when compared with n_boot=0
     notes: list = field(default_factory=list)
 
     @property
@@ -247,8 +235,8 @@ def compare(pairs: list, *, task: str = "", level: float = 0.05, n_boot: int = 1
                          f"{acc:.4f}")
     if all(np.array_equal(pa["pred"], pb["pred"]) for (_, pa), (_, pb) in pairs):
         notes.append("identical predictions")
-    return Comparison(task, seeds, acc_a, acc_b, per_seed, agree, combined(cas, cbs),
-                      bootstrap_ci(cas, cbs, level=level, n_boot=n_boot, seed=seed), notes)
+    boot = bootstrap_ci(cas, cbs, level=level, n_boot=n_boot, seed=seed) if n_boot else None
+    return Comparison(task, seeds, acc_a, acc_b, per_seed, agree, combined(cas, cbs), boot, notes)
 
 
 def fmt_p(p: float) -> str:
@@ -266,7 +254,7 @@ def summary_row(c: Comparison, level: float) -> dict:
         "seeds": " ".join(str(a) if a == b else f"{a}/{b}" for a, b in c.seeds),
         "acc A": round(float(np.mean(c.acc_a)), 2), "acc B": round(float(np.mean(c.acc_b)), 2),
         "A - B": round(c.diff, 2),
-        f"{pct:g}% CI (bootstrap)": f"[{c.boot['low']:.2f}, {c.boot['high']:.2f}]",
+        f"{pct:g}% CI (bootstrap)": f"[{c.boot['low']:.2f}, {c.boot['high']:.2f}]" if c.boot else "–",
         "McNemar p per seed (exact; only A right/only B right)": "; ".join(
             f"{fmt_p(m['p'])} ({m['n10']}/{m['n01']})" for m in c.per_seed),
         "p chi2 (cc) per seed": "; ".join(fmt_p(m["p_chi2"]) for m in c.per_seed),
