@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.errors import UserError
@@ -128,6 +128,8 @@ def inspect_image(path: str) -> tuple:
                 im.draft(im.mode, (1, 1))   # decode at 1/8 scale; every byte is still parsed
             im.load()
         err = None
+    except UnidentifiedImageError:
+        err = "cannot decode: not an image PIL recognises (empty, truncated header or another format)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         err = f"cannot decode: {e}"
     return (st.st_size, st.st_mtime_ns, mf.hash_bytes(data), enc, mode, w, h, err)

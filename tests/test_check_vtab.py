@@ -344,3 +344,33 @@ def test_compare_identical_copies(copy, tmp_path, capsys):
         assert c.labels_differ == (1 if c.split == "test" else 0)
     assert re.search(r"kitti\s+train800\s+800/800\s+same\s+0\s+identical\s+0\.000\s+0\s", out), out
     assert re.search(r"kitti\s+test\s+711/711\s+same\s+1\s+identical", out), out
+
+
+def test_known_size_variant_and_uncovered_classes_are_warnings(tmp_path):
+    """Judged against the registry entry it is given: a test size listed as a known variant (as
+    caltech101's 6085) warns, and classes the training images never show are named."""
+    from data.doctor import check_task
+    from data.registry import Task
+    task = Task("tiny", 5, "demo", 4, test_size_alternatives=(5,),
+                split_sizes={"train800": 3, "val200": 1, "train800val200": 4})
+    tdir = tmp_path / "tiny"
+    rng = np.random.default_rng(1)
+    sizes, labels = {"train800": 3, "val200": 1, "train800val200": 4, "test": 5}, [0, 1, 3, 1]
+    for split, n in sizes.items():
+        (tdir / "images" / split).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            rel = f"images/{split}/{i:06d}.png"
+            px = rng.integers(0, 256, (4, 6), dtype=np.uint8) if split != "train800val200" else \
+                np.asarray(Image.open(tdir / ([f"images/train800/{j:06d}.png" for j in range(3)]
+                                              + ["images/val200/000000.png"])[i]))
+            Image.fromarray(px).save(tdir / rel)
+            lines.append(f"{rel} {labels[i] if split != 'test' else i}\n")
+        (tdir / f"{split}.txt").write_text("".join(lines))
+    rep = check_task(task, tdir, progress=False, write=False)
+    assert not rep.errors, rep.problems
+    msgs = [p.message for p in rep.warnings]
+    assert msgs == ["test.txt lists 5 images, a known variant of the reference 4.",
+                    "the 4 training images (train800val200) cover 3 of 5 classes; never seen: 2, 4."]
+    assert rep.row["train800/val200/trainval/test"] == "3/1/4/5~" and rep.row["train covers"] == "3/5"
+    assert rep.row["size (WxH)"] == "6x4" and rep.status == "WARN"
