@@ -78,7 +78,7 @@ def check_method(cfg: DictConfig) -> list[str]:
     except UserError as e:
         return [str(e)]
     p = []
-    targets = set(mcfg.targets)
+    targets = set(getattr(mcfg, "targets", None) or [])     # compose, full, linear: no targets
     for key in ("rank", "ne", "scale", "routing", "lp_stride", "dropout", "bias", "shared_router", "lp_experts"):
         value = getattr(mcfg, key, None)
         if isinstance(value, dict):
