@@ -42,6 +42,7 @@ METHODS = {
     "affix_proj": {"name": "vim_affix", "projection": True, "hidden": 12},
     "additional_scan": {"name": "vim_additional_scan", "num_states": 3},
     "additional_scan_released": {"name": "vim_additional_scan", "num_states": 3, "x_proj_init": "random_released"},
+    "additional_scan_zeros": {"name": "vim_additional_scan", "num_states": 3, "x_proj_init": "zeros"},
 }
 
 
@@ -276,7 +277,7 @@ def test_affix_mixer_sequence_length_and_kernels_see_the_prefix():
     assert lengths == [3 + 5] * 4                   # 2 layers x 2 directions, T = 3, L = 5
 
 
-@pytest.mark.parametrize("key", ["additional_scan", "additional_scan_released"])
+@pytest.mark.parametrize("key", ["additional_scan", "additional_scan_released", "additional_scan_zeros"])
 def test_additional_scan_forward_and_init(key):
     x = images()
     plain = small_vim()
@@ -291,16 +292,34 @@ def test_additional_scan_forward_and_init(key):
     with torch.no_grad():
         out = model.forward_features(x)
         torch.testing.assert_close(out, ref_features(model, x, add=True), atol=1e-5, rtol=1e-5)
-    if key == "additional_scan":          # fixed default: zero rows, identity at init
-        assert torch.equal(add.x_proj.weight, torch.zeros_like(add.x_proj.weight))
-        torch.testing.assert_close(out, base, atol=1e-6, rtol=1e-6)
-    else:                                 # released: U(+-1/sqrt(d_inner)), the output changes at init
-        bound = (2 * D_MODEL) ** -0.5
-        assert add.x_proj.weight.abs().max() <= bound and add.x_proj.weight.abs().max() > bound / 2
+    bound = (2 * D_MODEL) ** -0.5                  # PyTorch's default Linear init U(+-1/sqrt(d_inner))
+    rows_b, rows_c = add.x_proj.weight[:3], add.x_proj.weight[3:]
+    if key == "additional_scan_released":          # the output changes at init
+        assert bound / 2 < add.x_proj.weight.abs().max() <= bound
         assert (out - base).abs().max() > 1e-3
+    else:                                          # zero_c (default) and zeros: identity at init
+        assert torch.count_nonzero(rows_c) == 0
+        assert (torch.count_nonzero(rows_b) == 0) == (key == "additional_scan_zeros")
+        torch.testing.assert_close(out, base, atol=1e-6, rtol=1e-6)
     randomize(model)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), ref_features(model, x, add=True), atol=1e-5, rtol=1e-5)
+
+
+def test_additional_scan_all_zero_init_is_a_saddle_and_the_default_trains():
+    """The released zero_init_x_proj (x_proj_init: zeros) gives every tensor of the method an
+    exactly zero gradient (B_new = 0 keeps the new states at 0, C_new = 0 reads nothing back): it
+    never trains. The default zero_c (only the C rows zero) gives C_new a gradient at once."""
+    grads = {}
+    for key in ("additional_scan_zeros", "additional_scan"):
+        model = adapted(key, random_trainables=False)
+        model.head.weight.data.normal_()          # a head that passes gradient back
+        model(images(4)).pow(2).sum().backward()
+        grads[key] = {n: p.grad for n, p in model.named_parameters() if "scan_addition" in n}
+    assert all(torch.count_nonzero(g) == 0 for g in grads["additional_scan_zeros"].values())
+    g = grads["additional_scan"]
+    assert all(torch.count_nonzero(g[f"layers.{i}.mixer.scan_addition.{t}"][3:]) > 0
+               for i in range(2) for t in ("x_proj.weight", "x_proj_b.weight"))
 
 
 @pytest.mark.parametrize("key", ["prompt", "affix"])
@@ -434,3 +453,45 @@ def test_num_classes_override_is_the_released_100_way_head_and_refuses_larger_ta
         assert model.head.out_features == 37
         with pytest.raises(UserError, match="sun397"):
             build_vim({"pretrained": False, "num_classes_override": 100}, num_classes=397)
+
+
+# ---------------------------------------------------------------------------------------
+# Demo: every method learns a small task (slow: run by .ci/run)
+# ---------------------------------------------------------------------------------------
+def toy_task(n, seed):
+    """4 classes: a bright 16x16 quadrant (one per class) on noise, 32 px images."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, :, 16 * r:16 * r + 16, 16 * col:16 * col + 16] += 1.5
+    return x, y
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["parallel_adapter", "prompt", "prompt_proj", "affix", "affix_proj",
+                                 "additional_scan"])
+def test_demo_every_method_learns(key):
+    torch.manual_seed(0)
+    model = lily.adapt(vim_small(num_classes=4, img_size=32, depth=2, embed_dim=32, kernels="pytorch"), METHODS[key])
+    xt, yt = toy_task(256, 0)
+    xv, yv = toy_task(128, 1)
+    with torch.no_grad():
+        chance = (model.eval()(xv).argmax(-1) == yv).float().mean().item()   # frozen random head
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=1e-4)
+    model.train()
+    for epoch in range(8):
+        for i in range(0, 256, 32):
+            loss = F.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (model.eval()(xv).argmax(-1) == yv).float().mean().item()
+    moved = [n for n, p in model.named_parameters() if n in before and not n.startswith("head.")
+             and not torch.equal(p, before[n])]
+    print(f"{key}: val acc {acc:.3f} (frozen random head {chance:.3f})")
+    assert moved                                  # the method's own tensors trained
+    assert acc >= 0.7 and acc > chance + 0.3

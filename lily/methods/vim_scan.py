@@ -7,9 +7,13 @@ scan input u (its first N' rows feed B, its last N' rows feed C). D, dt and z ar
 ``A_log_new`` starts as the pretrained ``A_log[:, 0]`` repeated N' times.
 
 Released-code defect, fixed by default: the released code leaves ``x_proj_new`` at PyTorch's
-default init U(+-1/sqrt(d_inner)), so the output changes at init. Here it starts at zero
-(``x_proj_init: zeros``): no input enters the new states and they add nothing, so the model is
-the identity at init; ``x_proj_init: random_released`` restores the released init.
+default init U(+-1/sqrt(d_inner)) (``x_proj_init: random_released``), so the output changes at
+init. Zeroing all of it, as the released ``zero_init_x_proj=True`` does (``x_proj_init: zeros``),
+makes the model the identity at init but is a saddle point: with B_new = 0 the new states stay 0,
+so C_new gets no gradient, and with C_new = 0 neither B_new nor A_log_new does; every gradient of
+the method is exactly 0 and it never trains (tests/test_methods_vim_b.py shows it). The default
+``x_proj_init: zero_c`` zeroes only the C rows (B rows as released): the new states fill but are
+not read, so the model is the identity at init and C_new gets a gradient at the first step.
 
 Vim-S at N' = 6: 2 * 24 * (768 * 6 + 768 * 12) = 663,552. Not mergeable (inference needs
 d_state = N + N'). Weight decay: MambaPEFT's ``.A_log`` key (decay 0) also matches the new
@@ -26,7 +30,7 @@ from ..errors import LilyConfigError
 from ..registry import Method, MethodOptions, register
 from .vim_adapter import vim_mixers
 
-X_PROJ_INITS = ("zeros", "random_released")
+X_PROJ_INITS = ("zero_c", "zeros", "random_released")
 
 
 class ScanAddition(nn.Module):
@@ -40,16 +44,20 @@ class ScanAddition(nn.Module):
         self.A_b_log = nn.Parameter(A_b_log.detach()[:, :1].repeat(1, num_states).clone())
         self.x_proj = nn.Linear(d_inner, 2 * num_states, bias=False, device=A_log.device)
         self.x_proj_b = nn.Linear(d_inner, 2 * num_states, bias=False, device=A_log.device)
-        if x_proj_init == "zeros":
-            nn.init.zeros_(self.x_proj.weight)
-            nn.init.zeros_(self.x_proj_b.weight)
+        for proj in (self.x_proj, self.x_proj_b):   # rows [B_new (N') | C_new (N')]
+            if x_proj_init == "zeros":
+                nn.init.zeros_(proj.weight)
+            elif x_proj_init == "zero_c":
+                nn.init.zeros_(proj.weight[num_states:])
 
 
 @dataclass
 class VimAdditionalScanOptions(MethodOptions):
     name: str = "vim_additional_scan"
     num_states: int = 6                 # scan_addition_num (N')
-    x_proj_init: str = "zeros"          # zeros (identity at init, fixed) | random_released (the released code)
+    x_proj_init: str = "zero_c"         # zero_c: C rows zero (identity at init, trains; the fix) | zeros:
+                                        # all zero (released zero_init_x_proj: identity but no gradient
+                                        # ever) | random_released (the released default)
 
     def validate(self):
         self.check_values((("num_states", lambda v: isinstance(v, int) and v >= 1, "a positive int"),))
