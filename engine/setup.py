@@ -49,13 +49,13 @@ def split_files(cfg: DictConfig, split: str, task: Task) -> list[str]:
     return [line.split()[0] for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def data_digest(cfg: DictConfig, task: Task) -> str | None:
-    """The digest of the task copy a run reads (data/manifest.py), or None where it cannot be had."""
-    try:
-        from data.manifest import task_digest
-    except ImportError:  # the data doctor is not there yet
-        return None
-    return task_digest(task_dir(Path(cfg.paths.data_root), task))
+def data_digest(cfg: DictConfig, task: Task) -> str:
+    """The digest of the task copy a run reads (data/manifest.py): from its fresh manifest, else
+    computed once (every image hashed) and its manifest kept under ``<cache_dir>/manifests``, so
+    the data root is never written to."""
+    from data.manifest import task_digest
+    return task_digest(task_dir(Path(cfg.paths.data_root), task), manifest_dir=Path(cfg.paths.cache_dir) / "manifests",
+                       save=True, workers=max(1, int(cfg.num_workers)), progress=bool(cfg.progress))
 
 
 def method_config(cfg_method) -> lily.MethodOptions:

@@ -7,6 +7,7 @@ train.py 4 times and eval.py 4 times: about 70 s of CPU (7 min wall on 2 cores s
 jobs), so it is marked slow (.ci/run runs it); the others take seconds.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_unfinished_run_eval_overwrite_corrupt_checkpoint_and_predictions(tmp_pa
     # the way out works; the run then saves its predictions
     run(TINY + ["overwrite=true"], tmp_path)
     res = rd.results()
-    assert res["status"] == "finished" and "data_digest" in res
+    assert res["status"] == "finished" and re.fullmatch(r"[0-9a-f]{64}", res["data_digest"])  # the copy it read
     final = load_predictions(rd.path)
     assert final["epoch"] == 2 and final["split"] == "val200" and len(final["files"]) == 200
     assert final["accuracy"] == res["final_acc"] == 100.0 * float((final["pred"] == final["label"]).mean())
