@@ -86,7 +86,7 @@ def _run_job(cfg: DictConfig, rd: RunDir, method_id: str | None, searched: list[
                      rd.path, c.previous.get("final_acc", float("nan")))
             return dict(_summary(c.previous), status=SKIPPED, run_dir=str(rd.path))
         try:
-            preflight(cfg)
+            preflight(cfg, task=task)
         except USER_ERRORS as e:
             if multirun:  # the sweep's record of the refusal (its summary, the results layer's "not used")
                 rd.refuse(results, str(e))

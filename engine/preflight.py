@@ -70,7 +70,7 @@ def check_numbers(cfg: DictConfig) -> list[str]:
     return p
 
 
-def check_method(cfg: DictConfig) -> list[str]:
+def check_method(cfg: DictConfig, task=None) -> list[str]:
     """The method config is valid, names only its own targets, and fits the backbone (meta device)."""
     from engine.setup import method_config
     try:
@@ -90,15 +90,15 @@ def check_method(cfg: DictConfig) -> list[str]:
         return p
     from engine.setup import build_model
     try:
-        build_model(cfg, get_task(cfg.task.name).num_classes, "meta")
+        build_model(cfg, (task or get_task(cfg.task.name)).num_classes, "meta")
     except UserError as e:
         p.append(str(e))
     return p
 
 
-def check_data(cfg: DictConfig) -> list[str]:
+def check_data(cfg: DictConfig, task=None) -> list[str]:
     """Data root, task folder, the four list files (format, labels in range), files present."""
-    task = get_task(cfg.task.name)
+    task = task or get_task(cfg.task.name)
     root = Path(str(cfg.paths.data_root)).expanduser()
     p = []
     try:
@@ -126,10 +126,11 @@ def check_weights(cfg: DictConfig) -> list[str]:
     return [problem] if problem else []
 
 
-def preflight(cfg: DictConfig, data: bool = True) -> None:
-    """Raise one UserError listing every problem found, or return."""
-    get_task(cfg.task.name)  # an unknown task: its own message (every other check needs the task)
-    problems = check_numbers(cfg) + check_method(cfg) + (check_data(cfg) if data else []) + check_weights(cfg)
+def preflight(cfg: DictConfig, data: bool = True, task=None) -> None:
+    """Raise one UserError listing every problem found, or return. ``task``: the run's resolved task."""
+    task = task or get_task(cfg.task.name)  # an unknown task: its own message (every other check needs it)
+    problems = (check_numbers(cfg) + check_method(cfg, task) + (check_data(cfg, task) if data else []) +
+                check_weights(cfg))
     if problems:
         if len(problems) == 1:
             raise UserError(problems[0])
