@@ -262,3 +262,13 @@ def test_clean_protocol_refuses_bad_options_before_stage_1(argv, needle, monkeyp
         clean.main(["experiment=demo", "method.ne=2,3", f"paths.output_dir={tmp_path}", *argv])
     assert e.value.code != 0 and needle in str(e.value.code)
     assert not (tmp_path / "runs").exists()
+
+
+def test_shell_scripts_the_readme_runs_as_commands_are_executable():
+    import os
+    readme = (ROOT / "README.md").read_text()
+    shown = set(re.findall(r"(?<![\w/])(?:\./)?(scripts/[\w.-]+\.sh)\s+[a-z]", readme))
+    assert "scripts/local_slurm.sh" in shown
+    for rel in shown:
+        path = ROOT / rel
+        assert path.read_text().startswith("#!") and os.access(path, os.X_OK), rel
