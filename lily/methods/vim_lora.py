@@ -34,7 +34,7 @@ here takes it from ``x_proj_b`` (``dora_b_magnitude: backward``), the released b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from torch import nn
 
 from ..attach import Site, attach
 from ..errors import LilyConfigError
-from ..layers import Adapter, AdaptedLinear, _down_up
+from ..layers import Adapter, _down_up
 from ..merging import Mergeable
 from ..registry import Method, MethodOptions, register
 from .lora import LoRAAdapter
