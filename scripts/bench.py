@@ -3,7 +3,12 @@
 For ViT-B/16 (timm ``vit_base_patch16_224``) and Vim-S (models/vim.py), random weights,
 each method adapted by ``lily.adapt``, it measures with engine/step.py (the loop the
 trainer runs): training images/s, evaluation images/s and the peak memory a training step
-adds; then, side by side in the same run, the ratios
+adds. The methods are every method of the field (configs/experiment/field_vit.yaml and
+field_vim.yaml) whose config exists, each composed from configs/method/<name>.yaml with Hydra
+as a run composes it (scripts/bench_models.py). Per backbone, one table gives each method's
+training step time, evaluation throughput and step peak memory as ratios to LoRA (ViT-B/16:
+configs/method/lora.yaml) and to LoRA(in_proj) (Vim-S: vim_lora_in_proj.yaml), all measured
+in the same run. Then, side by side, the ratios
 
     lily/lora step time ratio          Lily kvffn vs LoRA (q, v, r 32), training step
     lily/linear step time ratio        Lily kvffn vs the linear probe, training step
@@ -15,8 +20,9 @@ adds; then, side by side in the same run, the ratios
 ("time" ratios: a / b of seconds per step, lower is better for a; "speed" ratios: a / b of
 images per second, higher is better for a) and whether each target holds.
 
-    python scripts/bench.py --quick                 # everything on a CPU in a few minutes
-    python scripts/bench.py --device cuda           # full sizes (224 px, batch 64, eval 256)
+    python scripts/bench.py --quick                 # everything on a CPU in a few minutes (2-block models)
+    python scripts/bench.py --device cuda           # full sizes (224 px, batch 64, eval 256, all blocks)
+    python scripts/bench.py --methods lora,ssf,vpt_deep --vim-methods vim_lora_in_proj,vim_affix
 
 Timing: warm-up steps first, then ``--repeats`` rounds in which every model runs
 ``--steps`` steps in turn (interleaved, so background load hits all alike); the median
@@ -42,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench_memory import cpu_step_peaks, cuda_step_peak  # noqa: E402
-from bench_models import (METHODS, adapted, build_backbone, make_optimizer, randomize_adapters,  # noqa: E402
-                          synthetic_split)
+from bench_models import (BASELINE, adapted, build_backbone, field_methods, has_config,  # noqa: E402
+                          make_optimizer, method_options, randomize_adapters, synthetic_split)
 from bench_replaced import check_same_outputs, make_image_folder, pil_epoch, replace_design  # noqa: E402
 from engine import step  # noqa: E402
 
@@ -81,9 +87,13 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--backbone", default="all", help="vit_b16 | vim_s | all")
-    ap.add_argument("--methods", default="linear,lora,lily_kvffn",
-                    help=f"ViT methods, comma-separated (of {', '.join(METHODS['vit_b16'])}); the ratios need "
-                         "linear, lora and lily_kvffn")
+    ap.add_argument("--methods", default="field",
+                    help="ViT methods (method config names), comma-separated; default: the field "
+                         "(configs/experiment/field_vit.yaml) with a config; lora is added (the ratios' baseline)")
+    ap.add_argument("--vim-methods", default="field",
+                    help="Vim methods, comma-separated; default: the field (field_vim.yaml) with a config, plus "
+                         "lily_vim_sample; vim_lora_in_proj is added (the ratios' baseline)")
+    ap.add_argument("--depth", type=int, default=None, help="blocks of both backbones (default: all; --quick 2)")
     ap.add_argument("--image-size", type=int, default=None, help="ViT input size (default 224; --quick 64)")
     ap.add_argument("--vim-image-size", type=int, default=None, help="Vim input size (default: --image-size; --quick 64)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch (default 64; --quick 8)")
@@ -101,19 +111,36 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes: everything on a CPU in a few minutes")
     args = ap.parse_args(argv)
     quick = dict(image_size=64, batch_size=8, eval_batch_size=16, steps=2, eval_batches=1, repeats=3, warmup=1,
-                 data_images=96, vim_image_size=64, threads=1)
+                 data_images=96, vim_image_size=64, threads=1, depth=2)
     full = dict(image_size=224, batch_size=64, eval_batch_size=256, steps=10, eval_batches=4, repeats=5, warmup=3,
-                data_images=512, vim_image_size=None, threads=None)
+                data_images=512, vim_image_size=None, threads=None, depth=None)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.vim_image_size = args.vim_image_size or args.image_size
     args.backbones = ("vit_b16", "vim_s") if args.backbone == "all" else tuple(args.backbone.split(","))
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = _methods("vit_b16", args.methods)
+    args.vim_methods = _methods("vim_s", args.vim_methods)
     args.precisions = [p for p in args.precisions.split(",") if p]
     for p in args.precisions:
         step.check_precision(p)
     return args
+
+
+def _methods(backbone: str, text: str) -> list[str]:
+    """The method labels to run on ``backbone``: the field (configs present) or the given list; the
+    baseline of the ratios always; on Vim-S also Lily with per-sample routing (the memory ratio)."""
+    if text == "field":
+        chosen = [m for m in field_methods(backbone) if has_config(m)]
+        if backbone == "vim_s" and "lily_vim" in chosen:
+            chosen.append("lily_vim_sample")
+    else:
+        chosen = [m for m in text.split(",") if m]
+    missing = [m for m in chosen if not has_config(m)]
+    if missing:
+        raise SystemExit(f"no method config for {', '.join(missing)} (configs/method/<name>.yaml)")
+    base = BASELINE[backbone]
+    return list(dict.fromkeys(([base] if has_config(base) else []) + chosen))
 
 
 def median(xs):
@@ -135,14 +162,20 @@ def rounds(entries, run, warmup_run, repeats):
 def bench_models(backbone, methods, args, device, out):
     size = args.image_size if backbone == "vit_b16" else args.vim_image_size
     torch.manual_seed(0)
-    base = build_backbone(backbone, size).to(device)
+    base = build_backbone(backbone, size, args.depth).to(device)
     entries = []
     for method in methods:
+        try:
+            adapted(base, backbone, method)
+        except Exception as e:  # noqa: BLE001 - one method that cannot run here is reported, not fatal
+            out.append(f"{backbone}/{method}: not measured, it does not build on this model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
         for precision in args.precisions:
             model = step.maybe_compile(adapted(base, backbone, method), args.compile)
             entries.append(Entry(backbone, method, "ours", precision, model, make_optimizer(model)))
     replaced_of = {"vit_b16": "lily_kvffn", "vim_s": "lily_vim"}[backbone]
-    if replaced_of in methods:
+    if replaced_of in {e.method for e in entries}:
         ours = next(e for e in entries if e.method == replaced_of and e.precision == "fp32") \
             if "fp32" in args.precisions else None
         model = adapted(base, backbone, replaced_of)
@@ -195,7 +228,7 @@ def measure_memory(entries, args, device):
             mine = [e for e in entries if e.backbone == backbone]
             size = args.image_size if backbone == "vit_b16" else args.vim_image_size
             peaks = cpu_step_peaks(backbone, [(e.method, e.design, e.precision) for e in mine], size,
-                                   args.batch_size, args.threads)
+                                   args.batch_size, args.threads, depth=args.depth)
             for e in mine:
                 e.peak = peaks.get((e.method, e.design, e.precision))
 
@@ -269,6 +302,31 @@ def verdict(ok: bool | None, value, how: str) -> str:
     return f"{'HOLDS' if ok else 'FAILS'} ({how})"
 
 
+def trainable_m(model) -> float:
+    model = getattr(model, "_orig_mod", model)
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")) / 1e6
+
+
+def print_ratio_table(entries, backbone, base, t, ev, mem, device):
+    """Every method of ``backbone`` against the baseline, measured in this run: step time / base's
+    (lower is cheaper), eval throughput / base's (higher is faster), step peak memory / base's."""
+    import pandas as pd
+    name = BASELINE[backbone] + (" (LoRA)" if backbone == "vit_b16" else " (LoRA(in_proj))")
+    mine = [e for e in entries if e.backbone == backbone and e.design == "ours" and e.precision == "fp32"]
+    if not mine:
+        return
+    if base is None:
+        print(f"{backbone}: ratios not measured: its baseline {name} was not measured (no config or it failed)\n")
+        return
+    rows = [{"method": e.method, "trainable (M)": trainable_m(e.model), "step time / base": t(e) / t(base),
+             "eval throughput / base": ev(base) / ev(e), "step peak memory / base": mem(e) / mem(base)}
+            for e in mine]
+    print(f"{backbone} methods, ratios to {name}, fp32, all measured in this run on {device.type} "
+          "(time: lower is cheaper; throughput: higher is faster; memory: the peak a training step adds):")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -280,7 +338,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}"
     print(f"device: {device} ({where}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" + ("; TF32 on" if gpu else ""))
-    print(f"sizes: ViT-B/16 image {args.image_size}, Vim-S image {args.vim_image_size}; train batch "
+    print(f"sizes: ViT-B/16 image {args.image_size}, Vim-S image {args.vim_image_size}; "
+          f"{f'{args.depth} blocks' if args.depth else 'all blocks'}; train batch "
           f"{args.batch_size}, eval batch {args.eval_batch_size}; {args.steps} steps / {args.eval_batches} eval "
           f"batches per round, {args.repeats} rounds (median), {args.warmup} warm-up steps"
           f"{' (--quick)' if args.quick else ''}")
@@ -288,7 +347,7 @@ def main(argv=None):
     if "vit_b16" in args.backbones:
         entries += bench_models("vit_b16", args.methods, args, device, notes)
     if "vim_s" in args.backbones:
-        entries += bench_models("vim_s", ["lily_vim", "lily_vim_sample"], args, device, notes)
+        entries += bench_models("vim_s", args.vim_methods, args, device, notes)
     cache_s, pil_s, _ = bench_data(args, notes)
     if not args.no_memory:
         measure_memory(entries, args, device)
@@ -318,6 +377,8 @@ def main(argv=None):
     t = lambda e: median(e.train_s)  # noqa: E731
     ev = lambda e: median(e.eval_s)  # noqa: E731
     mem = lambda e: e.peak if e.peak is not None else float("nan")  # noqa: E731
+    for backbone in args.backbones:
+        print_ratio_table(entries, backbone, get(backbone, BASELINE[backbone]), t, ev, mem, device)
     lily, lora, linear = (get("vit_b16", m) for m in ("lily_kvffn", "lora", "linear"))
     replaced = get("vit_b16", "lily_kvffn", "replaced")
     r = {

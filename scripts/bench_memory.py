@@ -103,13 +103,15 @@ def cpu_step_peak(model, optimizer, data, batch_size, precision) -> int | None:
 
 
 def cpu_step_peaks(backbone: str, entries: list[tuple[str, str, str]], image_size: int, batch_size: int,
-                   threads: int | None, timeout: int = 900) -> dict:
+                   threads: int | None, timeout: int = 900, depth: int | None = None) -> dict:
     """``{(method, design, precision): bytes or None}`` for ``entries`` of one backbone,
     measured in one fresh subprocess (see the module docstring)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--backbone", backbone, "--image-size", str(image_size),
            "--batch-size", str(batch_size), "--entries", json.dumps(entries)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if depth:
+        cmd += ["--depth", str(depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
@@ -129,7 +131,7 @@ def _probe(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = build_backbone(args.backbone, args.image_size)
+    base = build_backbone(args.backbone, args.image_size, args.depth)
     data = synthetic_split(args.batch_size * 2, args.image_size)
     out = {}
     for method, design, precision in json.loads(args.entries):
@@ -150,4 +152,5 @@ if __name__ == "__main__":
     ap.add_argument("--image-size", type=int, required=True)
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None, help="blocks of the backbone (default: all)")
     print(json.dumps(_probe(ap.parse_args())))
