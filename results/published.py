@@ -383,6 +383,8 @@ def build(backbone: str, runs: pd.DataFrame | None = None, protocol: str = "fina
     if backbone == "vim":
         notes.append("Params(M) of MambaPEFT's rows: its #Params (K) as printed / 1000, which includes a ≈8.5K "
                      "head term for most rows (baselines-vim.md §4).")
+        notes.append("Our vim_hybrid is MambaPEFT's released step-2 template (configs/method/vim_hybrid.yaml), "
+                     "placed beside the paper's Hybrid (w/ proj) row, whose final settings are unreleased.")
         notes.append("MambaPEFT's head is 100-way for every task (sun397 has 397 classes); its Full row's Avg "
                      "does not equal its 19-task mean (50.82).")
     if not mine:
