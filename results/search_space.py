@@ -148,6 +148,11 @@ def _fixed(overrides: list[str]) -> list[str]:
 
 def compose(overrides: list[str], configs: Path = CONFIGS):
     """The train config (with its ``hydra`` node) for ``overrides`` (no sweeps), unresolved."""
+    return compose_many([overrides], configs)[0]
+
+
+def compose_many(overrides_list: list[list[str]], configs: Path = CONFIGS) -> list:
+    """:func:`compose` for several command lines, Hydra initialised once."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -155,14 +160,17 @@ def compose(overrides: list[str], configs: Path = CONFIGS):
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
+    out, overrides = [], []
     try:
         with initialize_config_dir(config_dir=str(Path(configs).resolve()), version_base="1.3"):
-            return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+            for overrides in overrides_list:
+                out.append(hydra_compose("train", overrides=list(overrides), return_hydra_config=True))
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"the configuration {' '.join(overrides)} does not compose: "
                         f"{str(e).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
+    return out
 
 
 def field_methods(overrides: list[str], configs: Path = CONFIGS) -> list[str]:
@@ -194,8 +202,8 @@ def validate(overrides: list[str], spaces: Mapping[str, Mapping[str, list]], con
     given = {o.key_or_group: text for text, o in zip(overrides, _parse(overrides)) if not o.is_hydra_override()}
     base = [o for o in _fixed(overrides) if _parse([o])[0].key_or_group != "method"]
     problems = []
-    for method, space in spaces.items():
-        cfg = compose([*base, f"method={method}"], configs)
+    cfgs = compose_many([[*base, f"method={method}"] for method in spaces], configs)
+    for (method, space), cfg in zip(spaces.items(), cfgs):
         swept = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
         for key in space:
             if key in given:
