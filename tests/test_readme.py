@@ -19,3 +19,10 @@ def test_readme_lily_example_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["789504"]
     assert (tmp_path / "lily.pt").exists()
+
+
+def test_every_method_config_is_in_the_readme():
+    """A method config nobody can find is a method nobody runs: each is named in the README."""
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.stem for p in sorted((ROOT / "configs" / "method").glob("*.yaml")) if f"`{p.stem}`" not in readme]
+    assert not missing, f"configs/method without a README mention: {missing}"
