@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from bench_memory import cpu_step_peaks, cuda_step_peak  # noqa: E402
 from bench_models import (BASELINE, adapted, build_backbone, field_methods, has_config,  # noqa: E402
-                          make_optimizer, method_options, randomize_adapters, synthetic_split)
+                          make_optimizer, randomize_adapters, synthetic_split)
 from bench_replaced import check_same_outputs, make_image_folder, pil_epoch, replace_design  # noqa: E402
 from engine import step  # noqa: E402
 
