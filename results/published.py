@@ -174,8 +174,8 @@ _VIM = [  # method, our configs, Params (K), Nat, Spe, Str, Avg (19-task mean), 
 ]
 # The Full row's Avg (47.08) is not its 19-task mean (50.82): a TAB inconsistency (spec §4 note 1).
 VIM_AVG_INCONSISTENT = ("Full",)
-VIM = [Published(m, cfg, "vim", "MambaPEFT (ICLR 2025) Vim-S table", MP_HYBRID if m.startswith("Hybrid") else MP_PROTOCOL,
-                 MP_RECIPE, groups=(n, s, st), gw=g3, mean19=avg, reported=f"{avg:.2f} (Avg, 19-task mean)",
+VIM = [Published(m, cfg, "vim", "MambaPEFT (ICLR 2025) Vim-S table",
+                 MP_HYBRID if m.startswith("Hybrid") else MP_PROTOCOL, MP_RECIPE, groups=(n, s, st), gw=g3, mean19=avg, reported=f"{avg:.2f} (Avg, 19-task mean)",
                  params_m=k / 1000)
        for m, cfg, k, n, s, st, avg, g3 in _VIM]
 PUBLISHED = {"vit": VIT, "vim": VIM}
