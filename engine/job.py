@@ -121,7 +121,7 @@ def _train(cfg: DictConfig, task, rd: RunDir, c, results: dict, should_stop) -> 
                              for d in (train_data, eval_data)}, data_digest=data_digest(cfg, task))
         if cfg.get("data_on_device", "auto") not in (False, None):
             train_data, eval_data = (to_device(d, device, DATA_ON_DEVICE_MAX) for d in (train_data, eval_data))
-        optimizer, scheduler = make_optimizer(model, cfg)
+        optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=len(train_data.labels) // cfg.batch_size)
         state = None
         if c.action == "resume" and rd.has_checkpoint():
             state = rd.load_checkpoint(model, optimizer, scheduler, device)

@@ -19,7 +19,7 @@ from common.errors import UserError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
-HEAD_INITS = ("default", "trunc_normal")
+HEAD_INITS = ("default", "trunc_normal", "zeros")
 
 
 def _is_int(v) -> bool:

@@ -174,7 +174,7 @@ def _sync(device: torch.device) -> None:
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, *, batch_size: int, seed: int,
                 epoch: int, device, normalization: str, precision: str, start_step: int = 0,
                 max_steps: int | None = None, should_stop: Callable[[], bool] | None = None,
-                progress_desc: str | None = None) -> dict:
+                progress_desc: str | None = None, before_step: Callable[[int], None] | None = None) -> dict:
     """One epoch of training over ``data`` (a ``SplitData`` or its :func:`to_device` copy).
 
     Order: ``Batches(data, batch_size, shuffle=True, drop_last=True, seed, epoch).order()``,
@@ -224,6 +224,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, 
                 loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if before_step is not None:  # a recipe's per-iteration lr and gradient clipping (engine/recipes.py)
+                before_step(step)
             optimizer.step()
             loss_sum += loss.detach().double() * batch_size
             steps += 1

@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 import lily
-from engine import step
+from engine import recipes, step
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,14 @@ def evaluate(model, data, cfg, device, desc: str, predictions: bool = False) -> 
                          predictions=predictions)
 
 
-def make_optimizer(model, cfg: DictConfig):
-    """AdamW (timm) over the trainable parameters and the cosine schedule (timm), per the recipe."""
+def make_optimizer(model, cfg: DictConfig, steps_per_epoch: int | None = None):
+    """AdamW (timm) over the trainable parameters and the cosine schedule (timm), per the recipe;
+    ``optim.schedule: iteration_warmup_epoch_cosine`` (recipe=mambapeft): MambaPEFT's AdamW with its
+    per-parameter decay rules and per-iteration warm-up (engine/recipes.py)."""
     o = cfg.optim
+    if o.get("schedule") == "iteration_warmup_epoch_cosine":
+        optimizer = recipes.make_adamw(model, o, cfg.method.get("name"))
+        return optimizer, recipes.IterationSchedule(optimizer, o, max(1, int(steps_per_epoch or 1)))
     lr = o.lr * cfg.batch_size / o.lr_base_batch if o.get("lr_base_batch") else o.lr
     optimizer = create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
                                     filter_bias_and_bn=bool(o.no_decay_1d))
@@ -79,6 +84,9 @@ def train(model, optimizer, scheduler, train_data, eval_data, cfg: DictConfig, d
     lag = int(cfg.recipe.scheduler_lag)
     save = checkpoint or (lambda s: None)
     best = max((h["acc"] for h in state["history"]), default=None)
+    steps_per_epoch = len(train_data.labels) // cfg.batch_size
+    if cfg.get("max_train_steps"):
+        steps_per_epoch = min(steps_per_epoch, int(cfg.max_train_steps))
     for epoch in range(state["epoch"], o.epochs):
         if state["step"] == 0:
             state["lr"] = optimizer.param_groups[0]["lr"]
@@ -86,6 +94,7 @@ def train(model, optimizer, scheduler, train_data, eval_data, cfg: DictConfig, d
         ep = step.train_epoch(model, optimizer, train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                               device=device, normalization=cfg.normalization, precision=cfg.precision,
                               start_step=state["step"], max_steps=cfg.max_train_steps, should_stop=should_stop,
+                              before_step=recipes.before_step(model, scheduler, o, epoch, steps_per_epoch),
                               progress_desc=f"epoch {epoch + 1}/{o.epochs}" if cfg.progress else None)
         state["train_seconds"] += ep["seconds"]
         state["train_images"] += ep["images"]

@@ -134,3 +134,39 @@ def test_zero_head_init():
     m.head = nn.Linear(4, 3)
     init_head(m, "zeros")
     assert torch.count_nonzero(m.head.weight) == 0 and torch.count_nonzero(m.head.bias) == 0
+
+
+def test_the_trainer_runs_the_recipe_per_iteration():
+    """The epoch loop calls the recipe's hook after backward and before the optimiser step: the lr
+    each step trains at is lr_at(epoch, iteration), and gradients are clipped to grad_clip."""
+    from engine import step
+    from engine.trainer import make_optimizer
+
+    class Data:  # the SplitData shape engine.step reads (images, labels)
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(0)
+            self.images = torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8, generator=g)
+            self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    cfg = OmegaConf.create({"optim": dict(O, schedule="iteration_warmup_epoch_cosine", grad_clip=1e-3),
+                            "method": {"name": "linear"}})
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=4)
+    assert isinstance(scheduler, recipes.IterationSchedule)
+    seen = []
+    real_step = optimizer.step
+
+    def spy(*a, **k):
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+        seen.append((optimizer.param_groups[0]["lr"], float(norm)))
+        return real_step(*a, **k)
+    optimizer.step = spy
+    data = Data(16)
+    for epoch in (0, 1):
+        hook = recipes.before_step(model, scheduler, cfg.optim, epoch, 4)
+        step.train_epoch(model, optimizer, data, batch_size=4, seed=0, epoch=epoch, device="cpu",
+                         normalization="none", precision="fp32", before_step=hook)
+    want = [recipes.lr_at(e, i, 4, **KW) for e in (0, 1) for i in range(4)]
+    assert [lr for lr, _ in seen] == pytest.approx(want)
+    assert want[0] == pytest.approx(1e-6) and want[4] > want[3]
+    assert max(n for _, n in seen) <= 1e-3 * (1 + 1e-4)
