@@ -55,6 +55,11 @@ def _weights_id(backbone: dict) -> Any:
     return {"file": p.name, "bytes": p.stat().st_size if p.is_file() else None}
 
 
+# A method config's meta keys that cannot change a result (lily.registry.META_KEYS minus `optim`,
+# whose recipe values do change one and are also resolved into optim.* / backbone.*).
+METHOD_NOT_IDENTITY = ("description", "source", "search")
+
+
 def identity(cfg: DictConfig | dict) -> dict:
     """The result-relevant resolved config as a plain nested dict."""
     if isinstance(cfg, DictConfig):  # node by node: interpolations resolve against the whole config
@@ -64,6 +69,8 @@ def identity(cfg: DictConfig | dict) -> dict:
         d = {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
     if isinstance(d.get("backbone"), dict):
         d["backbone"] = dict(d["backbone"], checkpoint=_weights_id(d["backbone"]))
+    if isinstance(d.get("method"), dict):  # free text and the search space never change a result
+        d["method"] = {k: v for k, v in d["method"].items() if k not in METHOD_NOT_IDENTITY}
     return d
 
 

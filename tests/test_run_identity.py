@@ -300,3 +300,14 @@ def test_a_configuration_running_elsewhere_is_refused_not_joined(tmp_path):
             RunLock(rd).__enter__()
     run(args, tmp_path)  # released: the same command now runs
     assert json.loads((rd / "results.json").read_text())["status"] == "finished"
+
+
+def test_a_methods_search_space_and_free_text_are_not_part_of_the_identity():
+    """Editing a method config's search grid or description must not re-train its finished runs."""
+    from engine.run import identity, run_id
+    base = {"task": {"name": "dtd"}, "method": {"name": "lora", "rank": 8, "optim": {"lr": 1e-3}}}
+    meta = {"task": {"name": "dtd"}, "method": {"name": "lora", "rank": 8, "optim": {"lr": 1e-3},
+                                                "search": {"method.rank": [1, 8]}, "description": "x", "source": "y"}}
+    assert run_id(identity(base)) == run_id(identity(meta))
+    other = {"task": {"name": "dtd"}, "method": {"name": "lora", "rank": 8, "optim": {"lr": 1e-2}}}
+    assert run_id(identity(other)) != run_id(identity(base))   # a recipe value is result-relevant
