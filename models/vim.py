@@ -338,8 +338,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                     raise
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise UserError(f"could not read Vim checkpoint {path} with weights_only=True: "
-                        f"{type(e).__name__}: {e}") from e
+        from models.vit import load_error_reason
+        raise UserError(f"could not read Vim checkpoint {path} with weights_only=True ({load_error_reason(e)}); "
+                        "is the file complete and a checkpoint?") from None
     if isinstance(ckpt, dict) and "model" in ckpt:
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):

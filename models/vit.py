@@ -164,6 +164,16 @@ def _load_npz(model: nn.Module, path: Path, pre_logits_mode) -> bool:
     return bool(want)
 
 
+def load_error_reason(e: Exception) -> str:
+    """The first line of a loading error, without PyTorch's advice to retry with
+    ``weights_only=False`` (unsafe on a file of unknown origin, and no fix for a corrupt one)."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    first = first.split(" Please file an issue")[0].split("In PyTorch 2.6")[0].rstrip(" .")
+    if "weights_only" in first.lower() or "weights only" in first.lower():
+        first = "not a readable PyTorch checkpoint"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -174,8 +184,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise UserError(
             f"could not read '{path}' as a {'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} "
-            f"checkpoint ({type(e).__name__}: {e})."
-        ) from e
+            f"checkpoint ({load_error_reason(e)}); is the file complete and a checkpoint?"
+        ) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]

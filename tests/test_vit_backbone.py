@@ -292,3 +292,16 @@ def test_vit_tiny_asset_loads():
     assert info == {"weights": f"file:{ROOT / 'assets' / 'vit_tiny.safetensors'}", "pre_logits": False}
     s = root.backbone.img_size
     assert model(torch.rand(2, 3, s, s)).shape == (2, 10)
+
+
+def test_random_bytes_checkpoint_is_one_clear_message_without_unsafe_advice(tmp_path):
+    """Issue 14 fault 8: a random-bytes .pth is named, and PyTorch's advice to load it with
+    weights_only=False (unsafe, and no fix for a corrupt file) is not repeated."""
+    from common.errors import UserError
+    from models.vit import _read_state_dict
+    path = tmp_path / "weights.pth"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(UserError) as e:
+        _read_state_dict(path)
+    msg = str(e.value)
+    assert str(path) in msg and "weights_only" not in msg and "\n" not in msg
