@@ -422,7 +422,9 @@ def method_yaml(name, recipe, **overrides):
                             "recipe": OmegaConf.load(f"configs/recipe/{recipe}.yaml")})
     for k, v in overrides.items():
         cfg.method[k] = v
-    return OmegaConf.to_container(cfg.method, resolve=True)
+    # the method's options, without the config's meta keys (search space, description), as lily.method_config reads it
+    from lily.registry import META_KEYS
+    return {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in META_KEYS}
 
 
 @pytest.mark.parametrize("name", LILY_VIT_CONFIGS)
