@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lily
 from common.errors import UserError
+from common.resolvers import per_task_keys
 from data import get_task
-from engine.run import FAILED, FINAL, SELECTED, SKIPPED, RunDir, identity, run_id
+from engine.run import FAILED, FINAL, NOT_IDENTITY, SELECTED, SKIPPED, RunDir, identity, run_id
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, lily.LilyConfigError, lily.MergeError)
@@ -37,6 +38,7 @@ def _base(cfg: DictConfig, task, run_dir: Path, method_id: str | None, searched:
     ident = identity(cfg)
     return {"message": None, "run_id": run_id(ident), "run_dir": str(run_dir),
             "identity": ident, "searched": searched, "method_id": method_id or cfg.method.get("name"),
+            "per_task": per_task_keys(OmegaConf.to_container(cfg, resolve=False), skip=NOT_IDENTITY),
             "method": method_id or cfg.method.get("name"), "task": task.name, "group": task.group,
             "backbone": cfg.backbone.name, "seed": cfg.seed, "protocol": cfg.protocol.name,
             "recipe": cfg.recipe.name, "precision": cfg.precision, "normalization": cfg.normalization,

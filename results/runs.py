@@ -90,7 +90,8 @@ def load_runs(root: str | Path, run_dirs: Iterable[str | Path] | None = None) ->
         elif row["status"] == FINISHED:
             seen.add(row["run_id"])
         row["group"] = row["group"] or (TASKS[row["task"]].group if row["task"] in TASKS else "other")
-        row["searched"] = tuple(r.get("searched") or ())
+        # keys chosen per task by the method's authors' tables count as chosen per cell, like searched ones
+        row["searched"] = tuple(sorted(set(r.get("searched") or ()) | set(r.get("per_task") or ())))
         row["eval_every"] = ident.get("eval_every")
         row["identity"] = ident
         row["flat"] = flatten(ident)
