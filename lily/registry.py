@@ -103,6 +103,10 @@ class MethodOptions:
             f"method.{key} is a mapping {value} without an entry for target '{target}' "
             f"(add '{target}: ...' or 'default: ...')")
 
+    def getter(self, site):
+        """``get(key)``: the value of ``key`` for ``site``'s target kind (see :meth:`get`)."""
+        return lambda key: self.get(key, site.kind, site.group)
+
     def check_values(self, checks) -> None:
         """``checks``: (key, predicate, what) triples; per-target mappings are checked entry by entry."""
         for key, check, what in checks:

@@ -65,7 +65,7 @@ class AdaptFormer(Method):
 
     def apply(self, model, opts: AdaptFormerOptions):
         def build(sites):
-            get = lambda key: opts.get(key, sites[0].kind, sites[0].group)  # noqa: E731
+            get = opts.getter(sites[0])
             return [BottleneckAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
                                       bool(get("bias")), act=opts.ffn_act) for s in sites]
         attach_per_kind(model, opts.targets, build, residual=True)

@@ -73,7 +73,7 @@ class HydraLoRA(Method):
 
     def apply(self, model, opts: HydraLoRAOptions):
         def build(sites):
-            get = lambda key: opts.get(key, sites[0].kind, sites[0].group)  # noqa: E731
+            get = opts.getter(sites[0])
             return [HydraLoRAAdapter(s.in_features, s.out_features, get("rank"), get("heads"), get("alpha"),
                                      get("dropout")) for s in sites]
         attach_per_kind(model, opts.targets, build)

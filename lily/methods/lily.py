@@ -85,8 +85,8 @@ def lp_stride(value, n_layers: int, ne: int) -> int:
 
 def build_lily(cfg: LilyOptions, sites: list[Site]) -> list[LilyAdapter]:
     """One target kind's adapters: per-layer (or strided, or v2-mixed) LPs, one shared HP bank."""
-    kind, group = sites[0].kind, sites[0].group
-    get = lambda key: cfg.get(key, kind, group)  # noqa: E731
+    kind = sites[0].kind
+    get = cfg.getter(sites[0])
     d, ne, routing = get("rank"), get("ne"), get("routing")
     stride = lp_stride(get("lp_stride"), len(sites), ne)
     bias, shared_router = bool(get("bias")), bool(get("shared_router"))

@@ -69,7 +69,7 @@ class LoRA(Method):
 
     def apply(self, model, opts: LoRAOptions):
         def build(sites):
-            get = lambda key: opts.get(key, sites[0].kind, sites[0].group)  # noqa: E731
+            get = opts.getter(sites[0])
             return [LoRAAdapter(s.in_features, s.out_features, get("rank"), get("scale"), get("dropout"),
                                 bool(get("bias"))) for s in sites]
         attach_per_kind(model, opts.targets, build)

@@ -76,7 +76,7 @@ class MoSLoRA(Method):
 
     def apply(self, model, opts: MoSLoRAOptions):
         def build(sites):
-            get = lambda key: opts.get(key, sites[0].kind, sites[0].group)  # noqa: E731
+            get = opts.getter(sites[0])
             return [MoSLoRAAdapter(s.in_features, s.out_features, get("rank"), get("alpha"), get("dropout"))
                     for s in sites]
         attach_per_kind(model, opts.targets, build)
