@@ -6,7 +6,6 @@ equation written out here (W + s W_up W_down on the right rows and branch, DoRA'
 weight, A_log + dA, ...), on a small random Vim. Identity at init holds for all of these methods
 (DoRA with the released backward-magnitude defect excepted: checked to differ).
 """
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 import lily
 from lily.registry import Method, MethodOptions, register
 from models.vim import vim_small
+from tests.helpers import count_params_script
 
 ROOT = Path(__file__).resolve().parents[1]
 E, D_MODEL, R, N = 64, 32, 2, 16          # small Vim: d_inner, d_model, dt_rank, d_state
@@ -79,11 +79,7 @@ def lora_dw(adapter, s=0.1):
 # ---------------------------------------------------------------------------------------
 # Counts on Vim-S through scripts/count_params.py (meta device, in-process)
 # ---------------------------------------------------------------------------------------
-def _count_params_module():
-    spec = importlib.util.spec_from_file_location("count_params_script", ROOT / "scripts/count_params.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_count_params_module = count_params_script
 
 
 def test_vim_s_counts_equal_the_spec_through_count_params(capsys):

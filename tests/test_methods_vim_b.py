@@ -10,7 +10,6 @@ not where it does not (prompt, affix: new tokens; Additional-scan's released ran
 refused merges change nothing; gradients reach exactly the trainable tensors, and the z half of
 every affix token gets an exactly zero gradient (a dead half, reported as MambaPEFT has it).
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import lily
 from common.errors import UserError
 from models.mamba_ops import selective_scan_ref
 from models.vim import build_vim, vim_small
+from tests.helpers import count_params_script
 
 ROOT = Path(__file__).resolve().parents[1]
 D_MODEL = 16
@@ -153,9 +153,7 @@ def ref_features(model, imgs, prompt=None, num_prefix=0, affix=None, add=False, 
 # ---------------------------------------------------------------------------------------
 def test_vim_s_counts_equal_the_spec_through_count_params(capsys):
     from hydra import compose, initialize_config_dir
-    spec = importlib.util.spec_from_file_location("count_params_script_b", ROOT / "scripts/count_params.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = count_params_script()
     got = {}
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for name in SPEC_COUNTS:

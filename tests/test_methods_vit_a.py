@@ -12,7 +12,6 @@
   RepAdapter); VPT and Convpass refuse and change nothing;
 - gradients reach exactly the method's parameters and the head.
 """
-import importlib.util
 import math
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 
 import common  # noqa: F401  (registers ${by_task:...})
 import lily
+from tests.helpers import count_params_script
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["bitfit", "vpt_shallow", "vpt_deep", "ssf", "fact_tt", "fact_tk", "repadapter", "convpass"]
@@ -35,10 +35,7 @@ IDENTITY_AT_INIT = ["bitfit", "fact_tt", "fact_tk", "repadapter", "convpass"]
 # counts on ViT-B/16 through scripts/count_params.py
 # ---------------------------------------------------------------------------------------------
 def _count_fn():
-    spec = importlib.util.spec_from_file_location("count_params", ROOT / "scripts" / "count_params.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.count
+    return count_params_script().count
 
 
 COUNTS = [  # (overrides, spec count)

@@ -10,7 +10,6 @@ differs from the frozen one at init; ``lora_xavier`` and the released ``zero_rel
 to be the identity).
 """
 import copy
-import importlib.util
 import math
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lily
+from tests.helpers import count_params_script
 
 pytest.importorskip("peft")
 
@@ -88,11 +88,7 @@ SPEC_COUNTS = {  # baselines-vit.md sections 7-11, 13 (head excluded)
 }
 
 
-def _count_params_module():
-    spec = importlib.util.spec_from_file_location("count_params_script", ROOT / "scripts/count_params.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_count_params_module = count_params_script
 
 
 def test_vit_b_counts_equal_the_spec_through_count_params(capsys):
