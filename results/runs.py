@@ -27,6 +27,7 @@ from engine.run import FINISHED, STATUSES, RunDir, find_run_dirs
 FIELDS = ("status", "message", "run_id", "method_id", "task", "group", "backbone", "seed", "protocol", "recipe",
           "precision", "normalization", "epochs", "final_acc", "best_acc", "best_epoch", "train_split",
           "eval_split", "trainable_params", "head_params", "data_digest")
+PER_TASK = "<per task: ${by_task:...}>"   # the variant value of a key chosen by a method's per-task table
 NOT_VARIANT = ("seed", "task")  # identity keys that never define a variant (the repeats, the columns)
 
 
@@ -90,13 +91,13 @@ def load_runs(root: str | Path, run_dirs: Iterable[str | Path] | None = None) ->
         elif row["status"] == FINISHED:
             seen.add(row["run_id"])
         row["group"] = row["group"] or (TASKS[row["task"]].group if row["task"] in TASKS else "other")
-        # keys chosen per task by the method's authors' tables count as chosen per cell, like searched ones
-        row["searched"] = tuple(sorted(set(r.get("searched") or ()) | set(r.get("per_task") or ())))
+        row["searched"] = tuple(r.get("searched") or ())
+        row["per_task"] = tuple(r.get("per_task") or ())
         row["eval_every"] = ident.get("eval_every")
         row["identity"] = ident
         row["flat"] = flatten(ident)
         rows.append(row)
-    df = pd.DataFrame(rows, columns=["run_dir", *FIELDS, "searched", "eval_every", "identity", "flat"])
+    df = pd.DataFrame(rows, columns=["run_dir", *FIELDS, "searched", "per_task", "eval_every", "identity", "flat"])
     df["status"] = df["status"].fillna("unknown")
     return df
 
@@ -128,8 +129,12 @@ def assign_variants(df: pd.DataFrame, searched: Iterable[str]) -> tuple[pd.DataF
     searched = tuple(searched)
     df = df.copy()
     variants, fam, grids, info = [], [], [], {}
-    for flat, ident in zip(df["flat"], df["identity"]):
-        items = {k: v for k, v in flat.items() if not under(k, NOT_VARIANT) and not under(k, searched)}
+    per_task_runs = df["per_task"] if "per_task" in df else [()] * len(df)
+    for flat, ident, per_task in zip(df["flat"], df["identity"], per_task_runs):
+        # a value the run took from its method's per-task table (${by_task:...}) is one variant
+        # across tasks; the same key set by hand is that value, a variant of its own
+        items = {k: (PER_TASK if under(k, per_task or ()) else v) for k, v in flat.items()
+                 if not under(k, NOT_VARIANT) and not under(k, searched)}
         grid = tuple(sorted((k, v) for k, v in flat.items() if under(k, searched) and not under(k, NOT_VARIANT)))
         vid = short_hash(sorted(items.items()))
         variants.append(vid)

@@ -37,6 +37,21 @@ def test_one_row_for_a_method_whose_setting_is_chosen_per_task(tmp_path):
     assert rows == [("VPT-deep", ["dtd", "svhn"])], rows
 
 
+def test_a_hand_set_value_is_not_mixed_into_the_per_task_row(tmp_path):
+    """method.prompt_length=50 given by hand on dtd is another configuration than the authors' table's
+    dtd value: its own row, never a candidate of the per-task row's dtd cell."""
+    root = tmp_path / "runs"
+    for task, p, acc, per_task in (("dtd", 10, 60.0, True), ("svhn", 50, 80.0, True), ("dtd", 50, 99.0, False)):
+        d = write_run(root, task, method_id="vpt_deep", method=dict(VPT, prompt_length=p), best=acc, searched=(),
+                      params=9216 * p)
+        r = json.loads((d / "results.json").read_text())
+        r["per_task"] = ["method.prompt_length"] if per_task else []
+        (d / "results.json").write_text(json.dumps(r))
+    tables = build_tables(load_runs(root), protocol="paper")
+    rows = sorted((sorted(row.cells), round(float(row.cells["dtd"]["mean"]), 1)) for t in tables for row in t.rows)
+    assert rows == [(["dtd"], 99.0), (["dtd", "svhn"], 60.0)], rows
+
+
 def test_field_labels():
     assert field_label({"name": "vim_lora", "target": "X", "dora": True}) == "DoRA on LoRAp(X)"
     assert field_label({"name": "vim_affix", "projection": False}) == "Affix-tuning (w/o proj)"
