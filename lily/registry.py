@@ -24,7 +24,7 @@ is a :class:`~lily.methods.lora.LoRAOptions`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 from torch import nn
 
@@ -185,8 +185,3 @@ def method_config(cfg: MethodOptions | Mapping) -> MethodOptions:
         return cfg
     return MethodOptions.from_dict(cfg)
 
-
-def reject_unknown(opts: MethodOptions, d: Mapping[str, Any]) -> None:  # pragma: no cover - helper for methods
-    unknown = sorted(set(d) - {f.name for f in fields(opts)})
-    if unknown:
-        raise LilyConfigError(f"unknown option(s) {unknown} for method '{opts.name}'")
