@@ -135,6 +135,13 @@ class Method:
     options: ClassVar[type[MethodOptions]]
     mergeable: ClassVar[bool | str] = "it changes the computation, not only the weights"
     source: ClassVar[str] = ""           # where the method comes from (paper / code), for the README table
+    title: ClassVar[str | None] = None   # the authors' name of the method: a table's row label
+
+    def label(self, opts: Mapping, method_id: str | None = None) -> str | None:
+        """A table's row label for these options (a plain mapping, as a run's identity holds them;
+        ``method_id``: the method config's name). Values the authors chose per task (a VPT prompt
+        length, a FacT rank) stay out: one row spans the tasks. None: the table layer's default."""
+        return self.title
 
     def apply(self, model: nn.Module, opts: MethodOptions) -> None:
         raise NotImplementedError

@@ -115,45 +115,15 @@ def method_label(identity: dict, grids=(), method_id: str | None = None) -> Labe
     return Label(text, latex_escape(text), text)
 
 
-# The field's names (the authors' own, as in their tables). Values chosen per task by the authors'
-# tables (VPT prompt length, FacT rank) are not in the label: one row spans the tasks.
-VIM_LORA = {"in_proj": "LoRA(in_proj)", "out_proj": "LoRA(out_proj)", "x_proj": "LoRA(x_proj)",
-            "dt": "LoRA(dt_proj)", "embed": "LoRA(embed)", "X": "LoRAp(X)", "Z": "LoRAp(Z)", "d": "LoRAp(d)",
-            "B": "LoRAp(B)", "C": "LoRAp(C)"}
-VIM_DELTA = {"A": "A-tuning", "D": "D-tuning", "conv1d": "Conv1d-tuning", "bias": "Bias-tuning"}
-
-
 def field_label(m: dict, method_id: str | None = None) -> str | None:
-    """The label of a method of the field (lily/methods/), or None for a name not listed here."""
-    name = m.get("name")
-    proj = lambda base: base if m.get("projection") else f"{base} (w/o proj)"  # noqa: E731
-    simple = {"bitfit": "BitFit", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "ssf": "SSF",
-              "fact_tt": "FacT-TT", "fact_tk": "FacT-TK", "repadapter": "RepAdapter", "convpass": "Convpass",
-              "peft_lily": "Lily (PEFT)", "vim_parallel_adapter": "ParallelAdapter",
-              "vim_additional_scan": "Additional-scan"}
-    if name in simple:
-        return simple[name]
-    if name in ("adapter_houlsby", "adapter_pfeiffer"):
-        return f"Adapter-{name.split('_')[1].capitalize()} (d={m.get('bottleneck')})"
-    if name in ("dora", "moslora", "vera"):
-        return f"{dict(dora='DoRA', moslora='MoSLoRA', vera='VeRA')[name]} (r={m.get('rank')})"
-    if name == "hydralora":
-        return f"HydraLoRA (r={m.get('rank')}, K={m.get('heads')})"
-    if name == "vim_lora":
-        base = VIM_LORA.get(m.get("target"), f"LoRA({m.get('target')})")
-        return f"DoRA on {base}" if m.get("dora") else base
-    if name == "vim_delta_tuning":
-        return VIM_DELTA.get(m.get("param"), f"{m.get('param')}-tuning")
-    if name == "vim_token_tuning":
-        return {"cls": "CLS-token tuning", "pos": "Pos-embed tuning"}.get(m.get("which"), "token tuning")
-    if name == "vim_prompt":
-        return proj("Prompt-tuning")
-    if name == "vim_affix":
-        return proj("Affix-tuning")
-    if name == "compose":
-        return "Hybrid" if method_id == "vim_hybrid" else "Compose (" + " + ".join(
-            field_label(p) or str(p.get("name")) for p in m.get("parts") or []) + ")"
-    return None
+    """A registered method's own row label (``lily.Method.label``: each method names itself in its
+    module), or None for a name the registry does not know."""
+    import lily
+    try:
+        method = lily.get_method(m.get("name"))
+    except lily.LilyConfigError:
+        return None
+    return method.label(m, method_id)
 
 
 def _fmt(v) -> str:

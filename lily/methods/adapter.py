@@ -164,6 +164,9 @@ class PfeifferOptions(AdapterOptions):
 
 
 class _BottleneckAdapterMethod(Method):
+    def label(self, opts, method_id=None):
+        return f"Adapter-{self.name.split('_')[1].capitalize()} (d={opts.get('bottleneck')})"
+
     mergeable = "its hidden layer is non-linear (a bottleneck with an activation)"
 
     def apply(self, model, opts: AdapterOptions):

@@ -28,6 +28,7 @@ class BitFitOptions(MethodOptions):
 @register
 class BitFit(Method):
     name = "bitfit"
+    title = "BitFit"
     options = BitFitOptions
     mergeable = True        # nothing to fold: the trained biases are the model's own parameters
     source = "Zaken et al. 2022; VTAB form: VPT's tinytl-bias baseline (KMnP/vpt)"

@@ -77,6 +77,17 @@ class Compose(Method):
                 out.update(getattr(method, "decay_mult", None) or {})
         return out
 
+    def label(self, opts, method_id=None):
+        if method_id == "vim_hybrid":
+            return "Hybrid"
+        names = []
+        for part in opts.get("parts") or []:
+            try:
+                names.append(get_method(part.get("name")).label(part) or str(part.get("name")))
+            except LilyConfigError:
+                names.append(str(part.get("name")))
+        return "Compose (" + " + ".join(names) + ")"
+
     def parts(self, opts: ComposeOptions):
         return [(o.name, o) for o in opts.typed_parts()]
 

@@ -120,6 +120,7 @@ class ConvpassOptions(MethodOptions):
 @register
 class Convpass(Method):
     name = "convpass"
+    title = "Convpass"
     options = ConvpassOptions
     mergeable = "its bypass is non-linear (QuickGELU around a 3x3 conv over the patch grid)"
     source = "Jie & Deng 2022, JieShibo/PETL-ViT (convpass)"

@@ -42,6 +42,10 @@ class DoRAOptions(MethodOptions):
 @register
 class DoRA(PeftMethod):
     name = "dora"
+
+    def label(self, opts, method_id=None):
+        return f"DoRA (r={opts.get('rank')})"
+
     options = DoRAOptions
     mergeable = True
     source = "Liu et al. 2024 (NVlabs/DoRA), PEFT LoraConfig(use_dora=True)"

@@ -181,6 +181,7 @@ class _FacT(Method):
 @register
 class FacTTT(_FacT):
     name = "fact_tt"
+    title = "FacT-TT"
     options = FacTTTOptions
     tk = False
 
@@ -188,5 +189,6 @@ class FacTTT(_FacT):
 @register
 class FacTTK(_FacT):
     name = "fact_tk"
+    title = "FacT-TK"
     options = FacTTKOptions
     tk = True

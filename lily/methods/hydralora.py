@@ -67,6 +67,10 @@ class HydraLoRAOptions(MethodOptions):
 @register
 class HydraLoRA(Method):
     name = "hydralora"
+
+    def label(self, opts, method_id=None):
+        return f"HydraLoRA (r={opts.get('rank')}, K={opts.get('heads')})"
+
     options = HydraLoRAOptions
     mergeable = "its router mixes the B heads per token (the mixture depends on the input)"
     source = "Tian et al. 2024, Clin0212/HydraLoRA"

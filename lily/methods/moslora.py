@@ -70,6 +70,10 @@ class MoSLoRAOptions(MethodOptions):
 @register
 class MoSLoRA(Method):
     name = "moslora"
+
+    def label(self, opts, method_id=None):
+        return f"MoSLoRA (r={opts.get('rank')})"
+
     options = MoSLoRAOptions
     mergeable = True
     source = "Wu et al. 2024, wutaiqiang/MoSLoRA (lora_use_mixer=True)"

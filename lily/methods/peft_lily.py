@@ -55,6 +55,7 @@ def _suffixes(model, names: list[str]) -> list[str]:
 @register
 class PeftLily(PeftMethod):
     name = "peft_lily"
+    title = "Lily (PEFT)"
     options = PeftLilyOptions
     mergeable = "its router weights depend on the input (PEFT's Lily cannot merge either)"
     source = "PEFT LilyConfig (huggingface/peft tuners/lily), the PEFT port of Lily"

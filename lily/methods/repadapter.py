@@ -105,6 +105,7 @@ class RepAdapterOptions(MethodOptions):
 @register
 class RepAdapter(Method):
     name = "repadapter"
+    title = "RepAdapter"
     options = RepAdapterOptions
     mergeable = True
     source = "Luo et al. 2023, luogen1996/RepAdapter"

@@ -76,6 +76,7 @@ class SSFOptions(MethodOptions):
 @register
 class SSF(Method):
     name = "ssf"
+    title = "SSF"
     options = SSFOptions
     mergeable = True
     source = "Lian et al. 2022, dongzelian/SSF"

@@ -44,6 +44,10 @@ class VeRAOptions(MethodOptions):
 @register
 class VeRA(PeftMethod):
     name = "vera"
+
+    def label(self, opts, method_id=None):
+        return f"VeRA (r={opts.get('rank')})"
+
     options = VeRAOptions
     mergeable = True
     source = "Kopiczko et al. 2024, PEFT VeraConfig"

@@ -45,6 +45,7 @@ def vim_mixers(model, method: str):
 @register
 class VimParallelAdapter(Method):
     name = "vim_parallel_adapter"
+    title = "ParallelAdapter"
     options = VimParallelAdapterOptions
     mergeable = "its hidden layer is non-linear (ReLU)"
     source = "MambaPEFT (Yoshimura et al. 2025) ParallelAdapter, sony/MambaPEFT"

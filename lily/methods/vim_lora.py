@@ -204,6 +204,14 @@ class VimLoRAOptions(MethodOptions):
 @register
 class VimLoRA(Method):
     name = "vim_lora"
+    TITLES = {"in_proj": "LoRA(in_proj)", "out_proj": "LoRA(out_proj)", "x_proj": "LoRA(x_proj)",
+              "dt": "LoRA(dt_proj)", "embed": "LoRA(embed)", "X": "LoRAp(X)", "Z": "LoRAp(Z)", "d": "LoRAp(d)",
+              "B": "LoRAp(B)", "C": "LoRAp(C)"}
+
+    def label(self, opts, method_id=None):
+        base = self.TITLES.get(opts.get("target"), f"LoRA({opts.get('target')})")
+        return f"DoRA on {base}" if opts.get("dora") else base
+
     options = VimLoRAOptions
     mergeable = True
     source = "MambaPEFT (Yoshimura et al., ICLR 2025), sony/MambaPEFT vim_peft_all.py Adapter / DoRAAdapter"

@@ -68,6 +68,7 @@ class VimAdditionalScanOptions(MethodOptions):
 @register
 class VimAdditionalScan(Method):
     name = "vim_additional_scan"
+    title = "Additional-scan"
     options = VimAdditionalScanOptions
     mergeable = "the extra states change the scan's state size (d_state + N'); no weight can hold them"
     source = "MambaPEFT (Yoshimura et al. 2025) Additional-scan, sony/MambaPEFT"

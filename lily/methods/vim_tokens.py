@@ -119,6 +119,10 @@ class VimPromptOptions(MethodOptions):
 @register
 class VimPrompt(Method):
     name = "vim_prompt"
+
+    def label(self, opts, method_id=None):
+        return "Prompt-tuning" if opts.get("projection") else "Prompt-tuning (w/o proj)"
+
     options = VimPromptOptions
     mergeable = "prompt tokens lengthen the sequence; they are not a change of any weight"
     source = "MambaPEFT (Yoshimura et al. 2025) prompt tuning, sony/MambaPEFT"
@@ -146,6 +150,10 @@ class VimAffixOptions(MethodOptions):
 @register
 class VimAffix(Method):
     name = "vim_affix"
+
+    def label(self, opts, method_id=None):
+        return "Affix-tuning" if opts.get("projection") else "Affix-tuning (w/o proj)"
+
     options = VimAffixOptions
     mergeable = ("affix tokens lengthen every scan (they act as a learned initial state and conv "
                  "history); they are not a change of any weight")

@@ -123,6 +123,11 @@ class VimDeltaTuningOptions(MethodOptions):
 @register
 class VimDeltaTuning(Method):
     name = "vim_delta_tuning"
+
+    def label(self, opts, method_id=None):
+        return {"A": "A-tuning", "D": "D-tuning", "conv1d": "Conv1d-tuning", "bias": "Bias-tuning"}.get(
+            opts.get("param"), f"{opts.get('param')}-tuning")
+
     options = VimDeltaTuningOptions
     mergeable = True
     source = "MambaPEFT (Yoshimura et al., ICLR 2025): learnable_{A,D,conv1d,bias}(_v2)"
@@ -153,6 +158,10 @@ class VimTokenTuningOptions(MethodOptions):
 @register
 class VimTokenTuning(Method):
     name = "vim_token_tuning"
+
+    def label(self, opts, method_id=None):
+        return {"cls": "CLS-token tuning", "pos": "Pos-embed tuning"}.get(opts.get("which"), "token tuning")
+
     options = VimTokenTuningOptions
     mergeable = True
     source = "MambaPEFT (Yoshimura et al., ICLR 2025): learnable_cls_token / learnable_pos_embed"

@@ -141,10 +141,12 @@ class _VPT(Method):
 @register
 class VPTShallow(_VPT):
     name = "vpt_shallow"
+    title = "VPT-shallow"
     options = VPTShallowOptions
 
 
 @register
 class VPTDeep(_VPT):
     name = "vpt_deep"
+    title = "VPT-deep"
     options = VPTDeepOptions
